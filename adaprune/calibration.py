@@ -1,0 +1,197 @@
+"""One calibration pass that gathers exactly the statistics the enabled estimators declared.
+
+* ``activations``: per input channel of every prunable Linear, running count, mean and sum of
+  squared deviations (Welford/Chan, float64), from forward pre-hooks.
+* ``gradients``: each estimator names elementwise *gradient terms* f(w, g). As soon as a
+  parameter's gradient is ready, every term is evaluated, summed into per-unit totals for each
+  level, and the gradient is dropped. No full-size gradient or accumulator outlives its
+  parameter's turn: memory is the model, the activations of one pass, and per-unit scalars.
+* ``per_sample``: gradient passes are split into single samples (for Fisher-style terms).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import CalibrationError
+from .graph import LEVELS, Graph, Member
+
+GradientFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class GradientTerm:
+    """An elementwise function of (weight, gradient) to be summed per unit over all passes."""
+
+    name: str
+    fn: GradientFn
+    per_sample: bool = False
+
+
+@dataclass
+class ActivationStats:
+    """Running per-channel statistics of a Linear's input (float64)."""
+
+    count: int
+    mean: torch.Tensor
+    m2: torch.Tensor  # sum of squared deviations from the mean
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return self.m2 / max(self.count - 1, 1)
+
+    @property
+    def sum_of_squares(self) -> torch.Tensor:
+        return self.m2 + self.count * self.mean**2
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        n = x.shape[0]
+        if n == 0:
+            return
+        batch_mean = x.mean(0)
+        batch_m2 = ((x - batch_mean) ** 2).sum(0)
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + batch_m2 + delta**2 * (self.count * n / total)
+        self.count = total
+
+
+@dataclass
+class CalibrationStats:
+    """What one calibration pass gathered."""
+
+    activations: dict[str, ActivationStats] = field(default_factory=dict)
+    # term name -> level -> one float64 tensor of per-unit totals per layer
+    gradient_terms: dict[str, dict[str, list[torch.Tensor]]] = field(default_factory=dict)
+    samples: int = 0
+    tokens: int = 0
+    passes: int = 0
+    mean_loss: float = float("nan")
+
+
+def as_batches(calibration: Iterable) -> list[torch.Tensor]:
+    """Normalise calibration input to a list of [batch, seq] LongTensors; refuse empty input."""
+    batches = []
+    for item in calibration:
+        batch = item["input_ids"] if isinstance(item, dict) else item
+        batch = torch.as_tensor(batch, dtype=torch.long)
+        if batch.dim() == 1:
+            batch = batch.unsqueeze(0)
+        if batch.dim() != 2 or batch.numel() == 0:
+            raise CalibrationError(f"A calibration batch has shape {tuple(batch.shape)}; expected token ids of "
+                                   "shape [batch, seq_len] with at least one token.")
+        if batch.shape[1] < 2:
+            raise CalibrationError("Calibration sequences need at least 2 tokens (the loss predicts the next one).")
+        batches.append(batch)
+    if not batches:
+        raise CalibrationError("The calibration set is empty; pass at least one batch of token ids "
+                               "(e.g. adaprune.data.token_batches(tokenizer, texts, seq_len=128, num_samples=32)).")
+    return batches
+
+
+def calibrate(
+    model: nn.Module,
+    graph: Graph,
+    calibration: Iterable,
+    *,
+    activations: bool = False,
+    gradient_terms: Iterable[GradientTerm] = (),
+    progress: bool = True,
+) -> CalibrationStats:
+    """Run the calibration batches once through `model`, gathering only what was asked for."""
+    batches = as_batches(calibration)
+    terms = list(gradient_terms)
+    stats = CalibrationStats()
+    if not activations and not terms:
+        return stats
+    device = next(model.parameters()).device
+    hooks = []
+    if activations:
+        hooks += _activation_hooks(model, graph, stats)
+    saved_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    if terms:
+        stats.gradient_terms = {t.name: {level: [torch.zeros(layer.num_units[level], dtype=torch.float64)
+                                                 for layer in graph] for level in LEVELS} for t in terms}
+        hooks += _gradient_hooks(model, graph, terms, stats)
+    per_sample = any(t.per_sample for t in terms)
+    was_training = model.training
+    model.eval()
+    losses = []
+    try:
+        for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress):
+            stats.samples += batch.shape[0]
+            stats.tokens += batch.numel()
+            passes = batch.split(1) if per_sample else [batch]
+            for ids in passes:
+                ids = ids.to(device)
+                if terms:
+                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                    loss.backward()
+                else:
+                    with torch.no_grad():
+                        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                losses.append(float(loss.detach()))
+                stats.passes += 1
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for name, p in model.named_parameters():
+            p.requires_grad_(saved_requires_grad[name])
+            p.grad = None
+        model.train(was_training)
+    stats.mean_loss = sum(losses) / len(losses)
+    if any(loss != loss for loss in losses):
+        raise CalibrationError("The calibration loss is NaN: check the model's dtype (use float32 for "
+                               "calibration) and the token ids.")
+    return stats
+
+
+def _activation_hooks(model: nn.Module, graph: Graph, stats: CalibrationStats) -> list:
+    paths = sorted({m.module_path for layer in graph for level in LEVELS for m in layer.members[level]})
+    hooks = []
+    for path in paths:
+        module = model.get_submodule(path)
+        stats.activations[path] = ActivationStats(0, torch.zeros(module.in_features, dtype=torch.float64),
+                                                  torch.zeros(module.in_features, dtype=torch.float64))
+
+        def record(_module, args, _path=path):
+            stats.activations[_path].update(args[0].detach().cpu())
+
+        hooks.append(module.register_forward_pre_hook(record))
+    return hooks
+
+
+def _gradient_hooks(model: nn.Module, graph: Graph, terms: list[GradientTerm], stats: CalibrationStats) -> list:
+    members: dict[str, list[tuple[str, int, Member]]] = {}
+    for layer in graph:
+        for level in LEVELS:
+            for member in layer.members[level]:
+                members.setdefault(member.param_name, []).append((level, layer.index, member))
+    hooks = []
+    for name, param in model.named_parameters():
+        if name not in members:
+            # Gradients still flow through activations; only prunable parameters need their own.
+            param.requires_grad_(False)
+            continue
+        param.requires_grad_(True)
+
+        def fold(p, _entries=members[name]):
+            w, g = p.detach(), p.grad.detach()
+            for term in terms:
+                values = term.fn(w, g)
+                for level, layer_index, member in _entries:
+                    per_position = values.sum(dim=1 - member.dim) if values.dim() == 2 else values
+                    totals = stats.gradient_terms[term.name][level][layer_index]
+                    owned = member.owner >= 0
+                    totals.index_add_(0, member.owner[owned], per_position.to(torch.float64).cpu()[owned])
+            p.grad = None  # folded: drop it now, never hold a second copy of the model
+
+        hooks.append(param.register_post_accumulate_grad_hook(fold))
+    return hooks

@@ -1,0 +1,203 @@
+"""The Plan: a plain, JSON-serialisable record of what to remove, and why.
+
+Everything before the Plan decides; everything after it acts. A plan names units by their
+index in the model it was made for, and records that model's layer shapes so that it is
+refused, before any tensor is touched, by a model of another shape.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import PlanError
+from .specs import AttentionShape, LayerShape
+
+PLAN_FORMAT = "adaprune-plan"
+PLAN_VERSION = 1
+
+
+@dataclass
+class LayerPlan:
+    """What goes from one decoder layer. Indices are those of the unpruned layer."""
+
+    index: int
+    remove_kv_groups: list[int] = field(default_factory=list)
+    remove_heads: list[int] = field(default_factory=list)  # query heads of groups that stay
+    remove_channels: list[int] = field(default_factory=list)
+
+    def removed_query_heads(self, shape: AttentionShape) -> set[int]:
+        per_group = shape.heads_per_group
+        groups = set(self.remove_kv_groups)
+        return {h for h in range(shape.num_heads) if h // per_group in groups} | set(self.remove_heads)
+
+    def keeps(self, shape: LayerShape) -> Callable[[tuple[str, int]], bool]:
+        """Whether a block owner (("q", h), ("kv", g) or ("ch", c)) survives this plan."""
+        removed = {
+            "q": self.removed_query_heads(shape.attention),
+            "kv": set(self.remove_kv_groups),
+            "ch": set(self.remove_channels),
+        }
+        return lambda owner: owner[1] not in removed[owner[0]]
+
+    def pruned_shape(self, shape: LayerShape) -> LayerShape:
+        attention = shape.attention
+        return LayerShape(
+            attention=AttentionShape(
+                num_heads=attention.num_heads - len(self.removed_query_heads(attention)),
+                num_kv_heads=attention.num_kv_heads - len(self.remove_kv_groups),
+                head_dim=attention.head_dim,
+            ),
+            mlp_width=shape.mlp_width - len(self.remove_channels),
+        )
+
+
+@dataclass
+class Plan:
+    """What to remove from a model, with the scores and fusion weights that decided it.
+
+    ``model`` records the architecture and the per-layer shapes of the model the plan is for;
+    ``settings`` the Pruner's arguments; ``fusion`` the blend weights chosen per site;
+    ``scores`` (optional) the fused score of every unit; ``params`` the parameter counts
+    before and after.
+    """
+
+    model: dict[str, Any]
+    layers: list[LayerPlan]
+    settings: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, int] = field(default_factory=dict)
+    fusion: dict[str, Any] = field(default_factory=dict)
+    scores: dict[str, Any] = field(default_factory=dict)
+    version: int = PLAN_VERSION
+
+    # ---- shapes -------------------------------------------------------------------------
+    @property
+    def shapes(self) -> list[LayerShape]:
+        return [_shape_from_dict(d) for d in self.model["shapes"]]
+
+    def pruned_shapes(self) -> list[LayerShape]:
+        return [layer.pruned_shape(shape) for layer, shape in zip(self.layers, self.shapes)]
+
+    def summary(self) -> dict[str, Any]:
+        """Kept heads, KV groups and channels per layer."""
+        return {
+            "layers": [
+                {"layer": i, "heads": s.attention.num_heads, "kv_groups": s.attention.num_kv_heads,
+                 "channels": s.mlp_width}
+                for i, s in enumerate(self.pruned_shapes())
+            ]
+        }
+
+    # ---- serialisation --------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": PLAN_FORMAT,
+            "version": self.version,
+            "model": self.model,
+            "settings": self.settings,
+            "params": self.params,
+            "layers": [asdict(layer) for layer in self.layers],
+            "fusion": self.fusion,
+            "scores": self.scores,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+            raise PlanError("This is not an adaprune plan (the 'format' field is missing or wrong); "
+                            "make one with Pruner.plan() and save it with Plan.save().")
+        if data.get("version") != PLAN_VERSION:
+            raise PlanError(f"Plan version {data.get('version')!r} is not supported by this adaprune "
+                            f"(it reads version {PLAN_VERSION}); re-create the plan with this version.")
+        try:
+            layers = [LayerPlan(int(d["index"]), _int_list(d.get("remove_kv_groups", [])),
+                                _int_list(d.get("remove_heads", [])), _int_list(d.get("remove_channels", [])))
+                      for d in data["layers"]]
+            model = dict(data["model"])
+            [_shape_from_dict(d) for d in model["shapes"]]
+        except (KeyError, TypeError, ValueError) as error:
+            raise PlanError(f"The plan is corrupt ({type(error).__name__}: {error}); re-create it with "
+                            "Pruner.plan().") from error
+        return cls(model=model, layers=layers, settings=data.get("settings", {}), params=data.get("params", {}),
+                   fusion=data.get("fusion", {}), scores=data.get("scores", {}), version=data["version"])
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as error:
+            raise PlanError(f"{path} is not valid JSON ({error}); the plan file is corrupt, re-create it.") from error
+        return cls.from_dict(data)
+
+    # ---- validation ---------------------------------------------------------------------------
+    def validate(self, architecture: str, shapes: Sequence[LayerShape]) -> None:
+        """Refuse the plan unless it fits a model of this architecture and these layer shapes."""
+        if self.model.get("architecture") != architecture:
+            raise PlanError(f"The plan was made for a {self.model.get('architecture')}, not a {architecture}; "
+                            "make a plan for this model with Pruner.plan().")
+        planned = self.shapes
+        if len(planned) != len(shapes) or len(self.layers) != len(shapes):
+            raise PlanError(f"The plan is for a model with {len(planned)} layers; this one has {len(shapes)}. "
+                            "Make a plan for this model with Pruner.plan().")
+        for i, (plan_shape, shape) in enumerate(zip(planned, shapes)):
+            if plan_shape != shape:
+                raise PlanError(
+                    f"Layer {i} of the plan's model has shape {plan_shape.to_dict()}, but this model's has "
+                    f"{shape.to_dict()}: the plan is for another (or an already pruned) model. Make a plan for "
+                    "this model with Pruner.plan().")
+        for i, (layer, shape) in enumerate(zip(self.layers, shapes)):
+            _validate_layer(i, layer, shape)
+
+
+def _validate_layer(i: int, layer: LayerPlan, shape: LayerShape) -> None:
+    if layer.index != i:
+        raise PlanError(f"Plan entry {i} says it is for layer {layer.index}; the plan is corrupt.")
+    attention = shape.attention
+    for name, values, limit in (("remove_kv_groups", layer.remove_kv_groups, attention.num_kv_heads),
+                                ("remove_heads", layer.remove_heads, attention.num_heads),
+                                ("remove_channels", layer.remove_channels, shape.mlp_width)):
+        if len(set(values)) != len(values):
+            raise PlanError(f"Layer {i}: {name} lists an index twice; the plan is corrupt.")
+        if any(v < 0 or v >= limit for v in values):
+            raise PlanError(f"Layer {i}: {name} has an index outside [0, {limit}); the plan is corrupt "
+                            "or for another model.")
+    if len(layer.remove_kv_groups) >= attention.num_kv_heads:
+        raise PlanError(f"Layer {i}: the plan removes all {attention.num_kv_heads} KV groups; at least one must "
+                        "stay. Lower the ratio or exclude the layer with layers=.")
+    if len(layer.remove_channels) >= shape.mlp_width:
+        raise PlanError(f"Layer {i}: the plan removes every MLP channel; at least one must stay. Lower the ratio.")
+    per_group = attention.heads_per_group
+    groups_removed = set(layer.remove_kv_groups)
+    if any(h // per_group in groups_removed for h in layer.remove_heads):
+        raise PlanError(f"Layer {i}: remove_heads lists a head of a KV group that is removed whole; "
+                        "the plan is corrupt.")
+    left = [sum(1 for h in range(g * per_group, (g + 1) * per_group) if h not in layer.remove_heads)
+            for g in range(attention.num_kv_heads) if g not in groups_removed]
+    if len(set(left)) > 1 or min(left) < 1:
+        raise PlanError(f"Layer {i}: the KV groups that stay would keep {left} query heads; every group must keep "
+                        "the same number, at least one. Remove the same number of heads from each group.")
+
+
+def _shape_from_dict(d: dict[str, int]) -> LayerShape:
+    return LayerShape(AttentionShape(int(d["num_heads"]), int(d["num_kv_heads"]), int(d["head_dim"])),
+                      int(d["mlp_width"]))
+
+
+def _int_list(values: Any) -> list[int]:
+    if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise TypeError(f"expected a list of integers, got {values!r}")
+    return list(values)
+
+
+def kept_positions(owners: Sequence[tuple[str, int]], block: int, keeps: Callable[[tuple[str, int]], bool]) -> torch.Tensor:
+    """Indices along a projection's pruned axis that survive, given its block owners."""
+    kept = [i * block + j for i, owner in enumerate(owners) if keeps(owner) for j in range(block)]
+    return torch.tensor(kept, dtype=torch.long)

@@ -1,0 +1,84 @@
+"""Llama family: LLaMA-1/2 and Vicuna (multi-head), Llama-3, TinyLlama, SmolLM2 (grouped-query)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from .base import (
+    ArchSpec,
+    AttentionShape,
+    LayerShape,
+    Projection,
+    channel_owners,
+    kv_owners,
+    query_owners,
+)
+
+
+class LlamaSpec(ArchSpec):
+    name = "llama"
+    model_types = ("llama",)
+    architectures = ("LlamaForCausalLM",)
+    config_keys = {
+        "num_heads": "num_attention_heads",
+        "num_kv_heads": "num_key_value_heads",
+        "head_dim": "head_dim",
+        "mlp_width": "intermediate_size",
+    }
+
+    @classmethod
+    def structure_matches(cls, model: nn.Module) -> bool:
+        layers = getattr(getattr(model, "model", None), "layers", None)
+        if not layers:
+            return False
+        layer = layers[0]
+        needed = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+        names = {name for name, _ in layer.named_modules()}
+        return all(path in names for path in needed)
+
+    def decoder_layers(self, model: nn.Module) -> Sequence[nn.Module]:
+        return model.model.layers
+
+    def layer_shape(self, model: nn.Module, layer: nn.Module) -> LayerShape:
+        attn = layer.self_attn
+        head_dim = attn.head_dim
+        return LayerShape(
+            attention=AttentionShape(
+                num_heads=attn.q_proj.out_features // head_dim,
+                num_kv_heads=attn.k_proj.out_features // head_dim,
+                head_dim=head_dim,
+            ),
+            mlp_width=layer.mlp.gate_proj.out_features,
+        )
+
+    def attention_projections(self, shape: AttentionShape) -> list[Projection]:
+        q, kv, d = query_owners(shape), kv_owners(shape), shape.head_dim
+        return [
+            Projection("self_attn.q_proj", "out", q, d),
+            Projection("self_attn.k_proj", "out", kv, d),
+            Projection("self_attn.v_proj", "out", kv, d),
+            Projection("self_attn.o_proj", "in", q, d),
+        ]
+
+    def mlp_projections(self, width: int) -> list[Projection]:
+        ch = channel_owners(width)
+        return [
+            Projection("mlp.gate_proj", "out", ch),
+            Projection("mlp.up_proj", "out", ch),
+            Projection("mlp.down_proj", "in", ch),
+        ]
+
+    def rewrite_attention(self, layer: nn.Module, shape: AttentionShape, kept_heads: Sequence[int]) -> None:
+        attn = layer.self_attn
+        attn.num_key_value_groups = shape.heads_per_group
+        # Older transformers releases kept these on the module; keep them true where present.
+        for attribute, value in (("num_heads", shape.num_heads), ("num_key_value_heads", shape.num_kv_heads)):
+            if hasattr(attn, attribute):
+                setattr(attn, attribute, value)
+
+    def rewrite_mlp(self, layer: nn.Module, width: int) -> None:
+        if hasattr(layer.mlp, "intermediate_size"):
+            layer.mlp.intermediate_size = width
