@@ -19,6 +19,7 @@ from .estimators import Estimator, hookimpl, list_estimators
 from .graph import Graph
 from .plan import LayerPlan, Plan
 from .pruner import Pruner
+from .scores import ScoreCache
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,7 @@ __all__ = [
     "Plan",
     "PlanError",
     "Pruner",
+    "ScoreCache",
     "UnsupportedArchitectureError",
     "hookimpl",
     "list_estimators",

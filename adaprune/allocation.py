@@ -3,7 +3,9 @@
 The budget is a fraction of the model's prunable parameters (the parameters some unit owns).
 ``uniform`` spreads it evenly over the eligible layers: each loses the same fraction of its
 prunable parameters, attention first (whole units, rounded), the MLP making up the rest with a
-kept width rounded to a hardware-friendly multiple.
+kept width rounded to a hardware-friendly multiple. ``global`` ranks every unit of every
+eligible layer in one list by normalised importance per parameter (see
+`adaprune.global_allocation`); only it may remove whole attention or MLP blocks.
 """
 
 from __future__ import annotations
@@ -14,23 +16,29 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ConfigurationError
+from .global_allocation import global_allocation
 from .graph import Graph, LayerGraph
 from .plan import LayerPlan
+from .specs import ArchSpec
 
 ATTENTION_UNITS = ("kv_groups", "query_heads")
-UNIT_CHOICES = ATTENTION_UNITS + ("channels",)
-UNIT_ALIASES = {"heads": "kv_groups"}
+BLOCK_UNITS = ("attention_blocks", "mlp_blocks")  # whole blocks: global allocation only
+UNIT_CHOICES = ATTENTION_UNITS + ("channels",) + BLOCK_UNITS
+UNIT_ALIASES = {"heads": ("kv_groups",), "blocks": BLOCK_UNITS}
 
 
 def normalise_units(units: Iterable[str]) -> tuple[str, ...]:
-    """Resolve aliases and check the unit choice ("heads" means whole KV groups)."""
+    """Resolve aliases and check the unit choice ("heads" means whole KV groups, "blocks" both block kinds)."""
+    if isinstance(units, str):
+        units = units.split(",")
     resolved = []
-    for unit in units:
-        unit = UNIT_ALIASES.get(unit, unit)
-        if unit not in UNIT_CHOICES:
-            raise ConfigurationError(f"Unknown unit {unit!r}. Choose among {', '.join(UNIT_CHOICES + tuple(UNIT_ALIASES))}.")
-        if unit not in resolved:
-            resolved.append(unit)
+    for name in units:
+        for unit in UNIT_ALIASES.get(name, (name,)):
+            if unit not in UNIT_CHOICES:
+                raise ConfigurationError(f"Unknown unit {unit!r}. Choose among "
+                                         f"{', '.join(UNIT_CHOICES + tuple(UNIT_ALIASES))}.")
+            if unit not in resolved:
+                resolved.append(unit)
     if not resolved:
         raise ConfigurationError("units is empty; choose at least one of kv_groups/heads, query_heads, channels.")
     if all(u in resolved for u in ATTENTION_UNITS):
@@ -56,6 +64,19 @@ def eligible_layers(num_layers: int, layers: Iterable[int] | str | None) -> list
     return sorted(set(chosen))
 
 
+def check_units(strategy: str, units: Sequence[str], spec: ArchSpec) -> None:
+    """Refuse, before any work, units that the strategy or the model family cannot honour."""
+    blocks = [unit for unit in units if unit in BLOCK_UNITS]
+    if blocks and strategy != "global":
+        raise ConfigurationError(f"Whole blocks (units {', '.join(blocks)}) are only removed by allocation='global', "
+                                 f"not {strategy!r}: choose allocation='global' or drop 'blocks' from units.")
+    for unit in blocks:
+        kind = unit.removesuffix("_blocks")
+        if kind not in spec.removable_blocks():
+            raise ConfigurationError(f"The {spec.name} family cannot run without its {kind} block (its spec "
+                                     f"declares no {kind}_block); drop {unit!r} (or 'blocks') from units.")
+
+
 @dataclass(frozen=True)
 class Budget:
     ratio: float
@@ -66,6 +87,8 @@ class Budget:
 
 def uniform(graph: Graph, scores: dict[str, list[torch.Tensor]], budget: Budget) -> list[LayerPlan]:
     """Every eligible layer loses the same fraction of its prunable parameters."""
+    if any(unit in BLOCK_UNITS for unit in budget.units):
+        raise ConfigurationError("Uniform allocation does not remove whole blocks; use allocation='global'.")
     sizes = [_layer_size(layer) for layer in graph]
     eligible_size = sum(sizes[i] for i in budget.layers)
     if not budget.layers or eligible_size == 0:
@@ -77,7 +100,8 @@ def uniform(graph: Graph, scores: dict[str, list[torch.Tensor]], budget: Budget)
             f"layers would empty them ({fraction:.0%} each); lower the ratio or allow more layers.")
     plans = [LayerPlan(i) for i in range(len(graph))]
     for i in budget.layers:
-        _prune_layer(graph.layers[i], plans[i], scores, fraction * sizes[i], budget)
+        if sizes[i]:  # 0: both blocks of the layer are already gone
+            _prune_layer(graph.layers[i], plans[i], scores, fraction * sizes[i], budget)
     return plans
 
 
@@ -97,7 +121,9 @@ def _prune_layer(layer: LayerGraph, plan: LayerPlan, scores, target: float, budg
     total = _layer_size(layer)
     fraction = target / total
     removed = 0
-    if "kv_groups" in budget.units:
+    if not attention.num_kv_heads:  # the attention block is already gone
+        pass
+    elif "kv_groups" in budget.units:
         count = min(round(fraction * attention.num_kv_heads), attention.num_kv_heads - 1)
         plan.remove_kv_groups = lowest(scores["kv_group"][layer.index], count)
         removed += int(layer.unit_param_counts("kv_group")[plan.remove_kv_groups].sum())
@@ -108,7 +134,7 @@ def _prune_layer(layer: LayerGraph, plan: LayerPlan, scores, target: float, budg
         for g in range(attention.num_kv_heads):
             plan.remove_heads += lowest(head_scores, count, range(g * per_group, (g + 1) * per_group))
         removed += int(layer.unit_param_counts("head")[plan.remove_heads].sum())
-    if "channels" in budget.units:
+    if "channels" in budget.units and layer.shape.mlp_width:  # 0: the MLP block is already gone
         per_channel = int(layer.unit_param_counts("channel")[0])
         width = layer.shape.mlp_width
         wanted = max(target - removed, 0.0) / per_channel
@@ -126,6 +152,7 @@ def round_kept(kept: float, width: int, multiple: int) -> int:
 
 STRATEGIES: dict[str, Callable[[Graph, dict[str, list[torch.Tensor]], Budget], list[LayerPlan]]] = {
     "uniform": uniform,
+    "global": global_allocation,
 }
 
 

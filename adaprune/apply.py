@@ -11,6 +11,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from .blocks import remove_block
+from .errors import PlanError
 from .graph import Graph
 from .plan import Plan, kept_positions
 from .specs.base import set_submodule
@@ -19,12 +21,20 @@ from .specs.base import set_submodule
 def check(plan: Plan, model: nn.Module, graph: Graph) -> None:
     """Raise PlanError unless `plan` fits `model` exactly. Touches nothing."""
     plan.validate(type(model).__name__, graph.shapes)
+    removable = graph.spec.removable_blocks()
+    for layer_plan in plan.layers:
+        for kind in layer_plan.removed_blocks():
+            if kind not in removable:
+                raise PlanError(f"Layer {layer_plan.index}: the plan removes the whole {kind} block, but the "
+                                f"{graph.spec.name} family cannot run without it; plan again without 'blocks' "
+                                "in units.")
 
 
 def count_removed(plan: Plan, graph: Graph) -> int:
     """Parameters the plan removes from the model `graph` describes."""
     removed = 0
     for layer_plan, layer in zip(plan.layers, graph):
+        removed += sum(layer.block_params.get(kind, 0) for kind in layer_plan.removed_blocks())
         for level, indices in (("kv_group", layer_plan.remove_kv_groups), ("head", layer_plan.remove_heads),
                                ("channel", layer_plan.remove_channels)):
             if indices:
@@ -33,10 +43,16 @@ def count_removed(plan: Plan, graph: Graph) -> int:
 
 
 def _pruned_positions(plan: Plan, graph: Graph, model: nn.Module) -> Iterator[tuple[str, nn.Linear, str, torch.Tensor]]:
-    """(module path, Linear, axis, kept indices) for every projection the plan shrinks."""
+    """(module path, Linear, axis, kept indices) for every projection the plan shrinks.
+
+    Projections of a block that goes whole are left out: the block is handled as one.
+    """
     for layer_plan, layer in zip(plan.layers, graph):
         keeps = layer_plan.keeps(layer.shape)
+        gone = [f"{_block_path(graph, layer.path, kind)}." for kind in layer_plan.removed_blocks()]
         for projection in layer.projections:
+            if any(f"{layer.path}.{projection.path}".startswith(prefix) for prefix in gone):
+                continue
             kept = kept_positions(projection.owners, projection.block, keeps)
             if len(kept) == len(projection.owners) * projection.block:
                 continue
@@ -56,6 +72,13 @@ class MaskHandle:
         with torch.no_grad():
             tensor.index_fill_(dim, positions, 0)
 
+    def shift(self, tensor: torch.Tensor, delta: torch.Tensor) -> None:
+        """Add `delta` to a 1-D tensor (a bias), keeping its old values."""
+        everything = torch.arange(tensor.shape[0], device=tensor.device)
+        self._saved.append((tensor, 0, everything, tensor.detach().clone()))
+        with torch.no_grad():
+            tensor.add_(delta.to(device=tensor.device, dtype=tensor.dtype))
+
     def restore(self) -> None:
         with torch.no_grad():
             for tensor, dim, positions, values in reversed(self._saved):
@@ -66,6 +89,7 @@ class MaskHandle:
 def mask(plan: Plan, model: nn.Module, graph: Graph) -> MaskHandle:
     """Zero every parameter slice the plan removes. Returns a handle that can restore them."""
     check(plan, model, graph)
+    shifts = bias_shifts(plan, model, graph)  # from the weights as they are, before any is zeroed
     handle = MaskHandle()
     for _, linear, axis, kept in _pruned_positions(plan, graph, model):
         dim = 0 if axis == "out" else 1
@@ -73,6 +97,13 @@ def mask(plan: Plan, model: nn.Module, graph: Graph) -> MaskHandle:
         handle.zero(linear.weight, dim, dropped)
         if axis == "out" and linear.bias is not None:
             handle.zero(linear.bias, 0, dropped)
+    # A block that goes whole: every parameter zeroed makes it output zeros (see specs.base.Block).
+    for layer_plan, layer in zip(plan.layers, graph):
+        for kind in layer_plan.removed_blocks():
+            for param in model.get_submodule(_block_path(graph, layer.path, kind)).parameters():
+                handle.zero(param, 0, torch.arange(param.shape[0]))
+    for bias, delta in shifts:
+        handle.shift(bias, delta)
     return handle
 
 
@@ -82,17 +113,59 @@ def slice_model(plan: Plan, model: nn.Module, graph: Graph) -> None:
     The caller updates the config afterwards (`adaprune.export.sync_config`).
     """
     check(plan, model, graph)
+    with torch.no_grad():
+        for bias, delta in bias_shifts(plan, model, graph):  # all checked before the first is added
+            bias.add_(delta.to(device=bias.device, dtype=bias.dtype))
     replacements = [(path, _sliced_linear(linear, axis, kept))
                     for path, linear, axis, kept in _pruned_positions(plan, graph, model)]
     for path, linear in replacements:
         set_submodule(model, path, linear)
     layers = graph.spec.decoder_layers(model)
+    blocks = graph.spec.removable_blocks()
     for layer_plan, layer, module in zip(plan.layers, graph, layers):
         new_shape = layer_plan.pruned_shape(layer.shape)
-        removed = layer_plan.removed_query_heads(layer.shape.attention)
-        kept_heads = [h for h in range(layer.shape.attention.num_heads) if h not in removed]
-        graph.spec.rewrite_attention(module, new_shape.attention, kept_heads)
-        graph.spec.rewrite_mlp(module, new_shape.mlp_width)
+        gone = set(layer_plan.removed_blocks()) | set(layer.shape.removed_blocks())
+        for kind in layer_plan.removed_blocks():
+            block = blocks[kind]
+            remove_block(module, block.path, block.outputs, layer.index if block.caches else None)
+        if "attention" not in gone:
+            removed = layer_plan.removed_query_heads(layer.shape.attention)
+            kept_heads = [h for h in range(layer.shape.attention.num_heads) if h not in removed]
+            graph.spec.rewrite_attention(module, new_shape.attention, kept_heads)
+        if "mlp" not in gone:
+            graph.spec.rewrite_mlp(module, new_shape.mlp_width)
+
+
+def bias_shifts(plan: Plan, model: nn.Module, graph: Graph) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(bias, W[:, removed] @ mean) for each entry of `plan.compensation` (see adaprune.compensation).
+
+    Every entry is checked against the plan and the model first; nothing is changed here.
+    """
+    if not plan.compensation:
+        return []
+    shrunk = {path: (linear, _complement(kept, linear.weight.shape[1]))
+              for path, linear, axis, kept in _pruned_positions(plan, graph, model) if axis == "in"}
+    shifts = []
+    for entry in plan.compensation:
+        path = entry.get("projection")
+        if path not in shrunk:
+            raise PlanError(f"The plan compensates {path!r}, but removes none of its input columns; the plan is "
+                            "corrupt or for another model.")
+        linear, removed = shrunk[path]
+        if entry.get("positions") != removed.tolist() or len(entry.get("mean", [])) != len(removed):
+            raise PlanError(f"The plan's compensation of {path} lists other positions than the plan removes; the "
+                            "plan is corrupt.")
+        if linear.bias is None:
+            raise PlanError(f"The plan folds the mean of removed inputs into the bias of {path}, which has none; "
+                            "apply it to the model it was made for, or plan again without compensation.")
+        weight = linear.weight.detach().to(torch.float64)
+        mean = torch.tensor(entry["mean"], dtype=torch.float64, device=weight.device)
+        shifts.append((linear.bias, weight[:, removed.to(weight.device)] @ mean))
+    return shifts
+
+
+def _block_path(graph: Graph, layer_path: str, kind: str) -> str:
+    return f"{layer_path}.{graph.spec.removable_blocks()[kind].path}"
 
 
 def _complement(kept: torch.Tensor, size: int) -> torch.Tensor:

@@ -6,12 +6,16 @@
   parameter's gradient is ready, every term is evaluated, summed into per-unit totals for each
   level, and the gradient is dropped. No full-size gradient or accumulator outlives its
   parameter's turn: memory is the model, the activations of one pass, and per-unit scalars.
+* ``per_position``: a term may keep one total per row (or column) of each prunable parameter
+  instead of per unit, for estimators that take a nonlinear function (abs, max, product) of the
+  row totals after the pass. That is a few thousand scalars per layer, still no gradient copy.
 * ``per_sample``: gradient passes are split into single samples (for Fisher-style terms).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -26,11 +30,16 @@ GradientFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class GradientTerm:
-    """An elementwise function of (weight, gradient) to be summed per unit over all passes."""
+    """An elementwise function of (weight, gradient) to be summed over all passes.
+
+    The sum is kept per unit of each level, or with `per_position` per row (or column) of each
+    prunable parameter, summed over its other dimension. `per_sample` splits passes into samples.
+    """
 
     name: str
     fn: GradientFn
     per_sample: bool = False
+    per_position: bool = False
 
 
 @dataclass
@@ -70,6 +79,10 @@ class CalibrationStats:
     activations: dict[str, ActivationStats] = field(default_factory=dict)
     # term name -> level -> one float64 tensor of per-unit totals per layer
     gradient_terms: dict[str, dict[str, list[torch.Tensor]]] = field(default_factory=dict)
+    # per-position term name -> parameter name -> float64 totals per row (or column)
+    position_terms: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    # the token batches themselves, kept only for estimators that need "calibration_data"
+    batches: list[torch.Tensor] = field(default_factory=list)
     samples: int = 0
     tokens: int = 0
     passes: int = 0
@@ -118,7 +131,9 @@ def calibrate(
     saved_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     if terms:
         stats.gradient_terms = {t.name: {level: [torch.zeros(layer.num_units[level], dtype=torch.float64)
-                                                 for layer in graph] for level in LEVELS} for t in terms}
+                                                 for layer in graph] for level in LEVELS}
+                                for t in terms if not t.per_position}
+        stats.position_terms = {t.name: {} for t in terms if t.per_position}
         hooks += _gradient_hooks(model, graph, terms, stats)
     per_sample = any(t.per_sample for t in terms)
     was_training = model.training
@@ -153,6 +168,26 @@ def calibrate(
     return stats
 
 
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """No weight gradients and eval mode for the duration; both restored afterwards.
+
+    For passes that train something other than the weights (gates, blend weights) through a
+    model that must come out exactly as it went in.
+    """
+    saved = {name: p.requires_grad for name, p in model.named_parameters()}
+    was_training = model.training
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(saved[name])
+        model.train(was_training)
+
+
 def _activation_hooks(model: nn.Module, graph: Graph, stats: CalibrationStats) -> list:
     paths = sorted({m.module_path for layer in graph for level in LEVELS for m in layer.members[level]})
     hooks = []
@@ -182,15 +217,20 @@ def _gradient_hooks(model: nn.Module, graph: Graph, terms: list[GradientTerm], s
             continue
         param.requires_grad_(True)
 
-        def fold(p, _entries=members[name]):
+        def fold(p, _entries=members[name], _name=name):
             w, g = p.detach(), p.grad.detach()
+            dim = _entries[0][2].dim  # a parameter is pruned along the same dimension at every level
             for term in terms:
                 values = term.fn(w, g)
+                per_position = (values.sum(dim=1 - dim) if values.dim() == 2 else values).to(torch.float64).cpu()
+                if term.per_position:
+                    totals = stats.position_terms[term.name]
+                    totals[_name] = totals[_name] + per_position if _name in totals else per_position
+                    continue
                 for level, layer_index, member in _entries:
-                    per_position = values.sum(dim=1 - member.dim) if values.dim() == 2 else values
                     totals = stats.gradient_terms[term.name][level][layer_index]
                     owned = member.owner >= 0
-                    totals.index_add_(0, member.owner[owned], per_position.to(torch.float64).cpu()[owned])
+                    totals.index_add_(0, member.owner[owned], per_position[owned])
             p.grad = None  # folded: drop it now, never hold a second copy of the model
 
         hooks.append(param.register_post_accumulate_grad_hook(fold))

@@ -1,4 +1,4 @@
-"""The command line: `adaprune prune`, `adaprune demo` (and the subcommands registered below)."""
+"""The command line: `adaprune prune`, `eval`, `report`, `demo` (and the subcommands registered below)."""
 
 from __future__ import annotations
 
@@ -19,20 +19,43 @@ def load_model(path: str, trust_remote_code: bool = False, dtype: torch.dtype = 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = Path(path)
+    if not source.exists():
+        raise AdapruneError(f"{path} does not exist: give a checkpoint folder (config.json and weights) or a "
+                            ".gguf file.")
+    config_file = source / "config.json"
+    if not trust_remote_code and config_file.is_file() and "auto_map" in json.loads(config_file.read_text()):
+        # Stock transformers would quietly build the unpruned layer shapes and leave weights missing.
+        raise AdapruneError(f"{path} brings its own modeling file (a pruned model whose layers differ, or that "
+                            "lost whole blocks); pass --trust-remote-code to load it.")
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if source.suffix == ".gguf":
         kwargs["gguf_file"] = source.name
         source = source.parent
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs).eval()
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs).eval()
+    except (OSError, ValueError) as error:
+        raise AdapruneError(f"Could not load a causal language model from {path} ({error}); give a "
+                            "transformers checkpoint folder or a .gguf file.") from error
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, TypeError) as error:
+        raise AdapruneError(f"{path} holds no usable tokenizer ({error}); save one next to the model "
+                            "(tokenizer.save_pretrained(folder)).") from error
     return model, tokenizer
 
 
 def read_texts(path: str) -> list[str]:
     """Texts from a file: a JSON list of strings, or plain text split on blank lines."""
+    if not Path(path).is_file():
+        raise AdapruneError(f"{path} does not exist: give a text file (paragraphs split by blank lines) or a "
+                            "JSON list of strings.")
     text = Path(path).read_text()
     if path.endswith(".json"):
-        texts = json.loads(text)
+        try:
+            texts = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise AdapruneError(f"{path} is not valid JSON ({error}); give a JSON list of strings, or plain text "
+                                "in a file not named .json.") from error
         if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
             raise AdapruneError(f"{path}: expected a JSON list of strings.")
         return texts
@@ -72,7 +95,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=1))
     print(f"pruned {params_before:,} -> {report['params_after']:,} parameters "
-          f"({report['fraction_removed']:.1%} removed); saved to {out}")
+          f"({report['fraction_removed']:.1%} removed; {report['prunable_fraction_removed']:.1%} of the prunable "
+          f"ones for ratio {args.ratio:g}); saved to {out}")
     return 0
 
 
@@ -94,6 +118,66 @@ def build_report(pruner, plan, params_before: int, load_seconds: float = 0.0) ->
     }
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Perplexity over non-overlapping windows of a text file, and optionally multiple-choice accuracy."""
+    from .data import _token_stream
+    from .evaluate import load_mc_task, multiple_choice, perplexity
+
+    if args.seq_len < 2:
+        raise AdapruneError(f"--seq-len must be at least 2 (a window predicts all its tokens but the first), "
+                            f"got {args.seq_len}.")
+    for option, value in (("--limit", args.limit), ("--max-windows", args.max_windows),
+                          ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise AdapruneError(f"{option} must be a positive number, got {value}.")
+    examples = None
+    if args.mc:  # read before the model loads, so that a bad task fails fast
+        if not Path(args.mc).is_file():
+            raise AdapruneError(f"{args.mc} does not exist: give a BIG-bench multiple-choice JSON task "
+                                "(an 'examples' list with 'input' and 'target_scores').")
+        try:
+            examples = load_mc_task(args.mc)
+        except ValueError as error:
+            raise AdapruneError(f"{error}; give a BIG-bench multiple-choice JSON task (an 'examples' list, each "
+                                "with an 'input' and 'target_scores' mapping every choice to a score).") from error
+    texts = read_texts(args.text)
+    model, tokenizer = load_model(args.model, args.trust_remote_code)
+    # Documents joined by blank lines, as the calibration and test streams of adaprune.data are.
+    ids = torch.tensor(_token_stream(tokenizer, texts), dtype=torch.long)
+    if ids.numel() < args.seq_len:
+        raise AdapruneError(f"{args.text} has {ids.numel()} tokens, fewer than one window of --seq-len "
+                            f"{args.seq_len}: give more text or a shorter --seq-len.")
+    result: dict[str, Any] = {"model": args.model, "text": args.text, "seq_len": args.seq_len,
+                              "params": sum(p.numel() for p in model.parameters())}
+    result.update(perplexity(model, ids, seq_len=args.seq_len, batch_size=args.batch_size,
+                             max_windows=args.max_windows))
+    summary = (f"perplexity {result['perplexity']:.3f} over {result['tokens']:,} tokens "
+               f"({result['windows']} windows of {args.seq_len})")
+    if examples is not None:
+        result.update(multiple_choice(model, tokenizer, examples, limit=args.limit))
+        result["mc_task"] = args.mc
+        summary += (f"; multiple choice {result['accuracy']:.1%} ± {result['accuracy_stderr']:.1%}, "
+                    f"length-normalised {result['accuracy_norm']:.1%} ± {result['accuracy_norm_stderr']:.1%} "
+                    f"on {result['items']} items")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+        summary += f"; written to {args.json}"
+    print(summary)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Print a plan's per-layer table; with --plot, draw it."""
+    from .report import load_plan, plan_table, plot_plan
+
+    plan = load_plan(args.plan)
+    print(plan_table(plan))
+    if args.plot:
+        print(f"plot written to {plot_plan(plan, args.plot)}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -111,8 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--estimator-options", default=None,
                        help='JSON options per estimator, e.g. \'{"taylor": {"order": 2}}\'')
     prune.add_argument("--fusion", default="fixed", help="fusion policy")
-    prune.add_argument("--allocation", default="uniform", help="budget allocation across layers")
-    prune.add_argument("--units", default="heads,channels", help="kv_groups|heads, query_heads, channels")
+    prune.add_argument("--allocation", default="uniform",
+                       help="budget allocation across layers: uniform, or global (one ranking of all units)")
+    prune.add_argument("--units", default="heads,channels",
+                       help="kv_groups|heads, query_heads, channels, and with --allocation global blocks "
+                            "(or attention_blocks, mlp_blocks): whole blocks")
     prune.add_argument("--layers", default=None, help='eligible layers as "start:stop" (default all)')
     prune.add_argument("--multiple", type=int, default=8, help="round kept MLP widths to this multiple")
     prune.add_argument("--calib", default=None,
@@ -125,6 +212,26 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--report", default=None, help="write the report JSON here")
     prune.add_argument("--trust-remote-code", action="store_true")
     prune.set_defaults(func=cmd_prune)
+
+    evaluate = sub.add_parser("eval", help="perplexity on a text file and, with --mc, multiple-choice accuracy")
+    evaluate.add_argument("model", help="checkpoint folder or .gguf file")
+    evaluate.add_argument("--text", required=True,
+                          help="text: JSON list of strings, or plain text whose documents are split by blank lines")
+    evaluate.add_argument("--seq-len", type=int, default=128, help="tokens per non-overlapping window")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    evaluate.add_argument("--max-windows", type=int, default=None, help="use at most this many windows")
+    evaluate.add_argument("--mc", default=None, help="BIG-bench multiple-choice JSON task (target_scores)")
+    evaluate.add_argument("--limit", type=int, default=None, help="score only the first N multiple-choice items")
+    evaluate.add_argument("--json", default=None, help="write the results JSON here")
+    evaluate.add_argument("--trust-remote-code", action="store_true",
+                          help="allow the modeling file a pruned checkpoint brings (layers that differ)")
+    evaluate.set_defaults(func=cmd_eval)
+
+    report = sub.add_parser("report", help="print a plan per layer; with --plot, draw it")
+    report.add_argument("plan", help="plan JSON, or a pruned checkpoint folder holding adaprune_plan.json")
+    report.add_argument("--plot", default=None, help="draw kept fractions and fusion weights into this .png/.pdf/.svg "
+                                                     "(needs pip install adaprune[plot])")
+    report.set_defaults(func=cmd_report)
 
     demo = sub.add_parser("demo", help="prune the embedded SmolLM2-135M and show what it gained and lost")
     demo.add_argument("--ratio", type=float, default=0.2)

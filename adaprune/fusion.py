@@ -24,6 +24,7 @@ class FusionResult:
     scores: dict[str, list[torch.Tensor]]  # level -> one fused tensor per layer
     weights: list[dict[str, Any]] = field(default_factory=list)  # per site: layer, level, {candidate: weight}
     warnings: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)  # what a policy wants reported (training curve, ...)
 
 
 def normalise(scores: torch.Tensor) -> torch.Tensor | None:
@@ -140,3 +141,7 @@ def create_policy(name: str, **options: Any) -> FusionPolicy:
         return POLICIES[name](**options)
     except TypeError as error:
         raise ConfigurationError(f"Fusion policy {name!r} refused its options {options}: {error}") from error
+
+
+# The adaptive policy lives in its own module and registers itself on import.
+from . import fusion_adaptive  # noqa: E402,F401

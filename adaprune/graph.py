@@ -47,6 +47,9 @@ class LayerGraph:
     projections: list[Projection]
     num_units: dict[str, int] = field(default_factory=dict)
     members: dict[str, list[Member]] = field(default_factory=dict)
+    # Parameters of each block the family can remove whole ("attention", "mlp") and this layer
+    # still has: the units' slices plus what no unit owns (an output bias, say).
+    block_params: dict[str, int] = field(default_factory=dict)
 
     def unit_param_counts(self, level: str) -> torch.Tensor:
         """Number of parameters each unit of `level` owns (long tensor)."""
@@ -70,6 +73,9 @@ class Graph:
             projections = self.spec.attention_projections(shape.attention) + self.spec.mlp_projections(shape.mlp_width)
             layer_graph = LayerGraph(index, names[id(layer)], shape, projections)
             _fill_levels(layer_graph, params)
+            layer_graph.block_params = {
+                kind: sum(p.numel() for p in layer.get_submodule(block.path).parameters())
+                for kind, block in self.spec.removable_blocks().items() if kind not in shape.removed_blocks()}
             self.layers.append(layer_graph)
 
     def __iter__(self) -> Iterator[LayerGraph]:

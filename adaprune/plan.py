@@ -19,19 +19,32 @@ from .errors import PlanError
 from .specs import AttentionShape, LayerShape
 
 PLAN_FORMAT = "adaprune-plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2 added whole-block removal (remove_attention, remove_mlp)
+READABLE_VERSIONS = (1, 2)  # a version-1 plan reads as one that removes no whole block
 
 
 @dataclass
 class LayerPlan:
-    """What goes from one decoder layer. Indices are those of the unpruned layer."""
+    """What goes from one decoder layer. Indices are those of the unpruned layer.
+
+    `remove_attention` / `remove_mlp` drop the whole block (the layer then adds nothing from it to
+    the residual stream); the unit lists of a block that goes whole stay empty.
+    """
 
     index: int
     remove_kv_groups: list[int] = field(default_factory=list)
     remove_heads: list[int] = field(default_factory=list)  # query heads of groups that stay
     remove_channels: list[int] = field(default_factory=list)
+    remove_attention: bool = False
+    remove_mlp: bool = False
+
+    def removed_blocks(self) -> list[str]:
+        """The blocks that go whole: "attention", "mlp"."""
+        return [kind for kind, gone in (("attention", self.remove_attention), ("mlp", self.remove_mlp)) if gone]
 
     def removed_query_heads(self, shape: AttentionShape) -> set[int]:
+        if self.remove_attention:
+            return set(range(shape.num_heads))
         per_group = shape.heads_per_group
         groups = set(self.remove_kv_groups)
         return {h for h in range(shape.num_heads) if h // per_group in groups} | set(self.remove_heads)
@@ -40,13 +53,19 @@ class LayerPlan:
         """Whether a block owner (("q", h), ("kv", g) or ("ch", c)) survives this plan."""
         removed = {
             "q": self.removed_query_heads(shape.attention),
-            "kv": set(self.remove_kv_groups),
-            "ch": set(self.remove_channels),
+            "kv": set(range(shape.attention.num_kv_heads)) if self.remove_attention else set(self.remove_kv_groups),
+            "ch": set(range(shape.mlp_width)) if self.remove_mlp else set(self.remove_channels),
         }
         return lambda owner: owner[1] not in removed[owner[0]]
 
     def pruned_shape(self, shape: LayerShape) -> LayerShape:
+        """The layer's shape after the plan; a removed attention block is (0, 0, 0), a removed MLP 0 wide."""
         attention = shape.attention
+        if self.remove_attention or self.remove_mlp:
+            kept = LayerPlan(self.index, self.remove_kv_groups, self.remove_heads, self.remove_channels)
+            pruned = kept.pruned_shape(shape)
+            return LayerShape(attention=AttentionShape(0, 0, 0) if self.remove_attention else pruned.attention,
+                              mlp_width=0 if self.remove_mlp else pruned.mlp_width)
         return LayerShape(
             attention=AttentionShape(
                 num_heads=attention.num_heads - len(self.removed_query_heads(attention)),
@@ -64,7 +83,7 @@ class Plan:
     ``model`` records the architecture and the per-layer shapes of the model the plan is for;
     ``settings`` the Pruner's arguments; ``fusion`` the blend weights chosen per site;
     ``scores`` (optional) the fused score of every unit; ``params`` the parameter counts
-    before and after.
+    before and after; ``compensation`` (optional) the bias shifts of adaprune.compensation.
     """
 
     model: dict[str, Any]
@@ -73,6 +92,7 @@ class Plan:
     params: dict[str, int] = field(default_factory=dict)
     fusion: dict[str, Any] = field(default_factory=dict)
     scores: dict[str, Any] = field(default_factory=dict)
+    compensation: list[dict[str, Any]] = field(default_factory=list)
     version: int = PLAN_VERSION
 
     # ---- shapes -------------------------------------------------------------------------
@@ -104,6 +124,7 @@ class Plan:
             "layers": [asdict(layer) for layer in self.layers],
             "fusion": self.fusion,
             "scores": self.scores,
+            **({"compensation": self.compensation} if self.compensation else {}),
         }
 
     @classmethod
@@ -111,20 +132,26 @@ class Plan:
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
             raise PlanError("This is not an adaprune plan (the 'format' field is missing or wrong); "
                             "make one with Pruner.plan() and save it with Plan.save().")
-        if data.get("version") != PLAN_VERSION:
+        if data.get("version") not in READABLE_VERSIONS:
             raise PlanError(f"Plan version {data.get('version')!r} is not supported by this adaprune "
-                            f"(it reads version {PLAN_VERSION}); re-create the plan with this version.")
+                            f"(it reads versions {', '.join(map(str, READABLE_VERSIONS))}); re-create the plan "
+                            "with this version.")
         try:
             layers = [LayerPlan(int(d["index"]), _int_list(d.get("remove_kv_groups", [])),
-                                _int_list(d.get("remove_heads", [])), _int_list(d.get("remove_channels", [])))
+                                _int_list(d.get("remove_heads", [])), _int_list(d.get("remove_channels", [])),
+                                _bool(d.get("remove_attention", False)), _bool(d.get("remove_mlp", False)))
                       for d in data["layers"]]
             model = dict(data["model"])
             [_shape_from_dict(d) for d in model["shapes"]]
         except (KeyError, TypeError, ValueError) as error:
             raise PlanError(f"The plan is corrupt ({type(error).__name__}: {error}); re-create it with "
                             "Pruner.plan().") from error
+        compensation = data.get("compensation", [])
+        if not isinstance(compensation, list) or not all(isinstance(entry, dict) for entry in compensation):
+            raise PlanError("The plan's 'compensation' is not a list of entries; the plan is corrupt, re-create it.")
+        # An older plan is read into the current format, and saved as such.
         return cls(model=model, layers=layers, settings=data.get("settings", {}), params=data.get("params", {}),
-                   fusion=data.get("fusion", {}), scores=data.get("scores", {}), version=data["version"])
+                   fusion=data.get("fusion", {}), scores=data.get("scores", {}), compensation=compensation)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))
@@ -169,11 +196,21 @@ def _validate_layer(i: int, layer: LayerPlan, shape: LayerShape) -> None:
         if any(v < 0 or v >= limit for v in values):
             raise PlanError(f"Layer {i}: {name} has an index outside [0, {limit}); the plan is corrupt "
                             "or for another model.")
+    for kind, gone, names in (("attention", layer.remove_attention, ("remove_kv_groups", "remove_heads")),
+                              ("mlp", layer.remove_mlp, ("remove_channels",))):
+        if gone and any(getattr(layer, name) for name in names):
+            raise PlanError(f"Layer {i}: the plan removes the whole {kind} block and also lists units of it in "
+                            f"{' / '.join(names)}; leave those empty, the whole block goes.")
+    # The floors below hold for blocks that stay (one already gone, 0 heads or 0 channels, has none).
+    if not layer.remove_mlp and shape.mlp_width and len(layer.remove_channels) >= shape.mlp_width:
+        raise PlanError(f"Layer {i}: the plan removes every MLP channel; at least one must stay. Lower the ratio, "
+                        "or remove the whole block with remove_mlp (units 'blocks', allocation 'global').")
+    if layer.remove_attention or not attention.num_kv_heads:
+        return
     if len(layer.remove_kv_groups) >= attention.num_kv_heads:
         raise PlanError(f"Layer {i}: the plan removes all {attention.num_kv_heads} KV groups; at least one must "
-                        "stay. Lower the ratio or exclude the layer with layers=.")
-    if len(layer.remove_channels) >= shape.mlp_width:
-        raise PlanError(f"Layer {i}: the plan removes every MLP channel; at least one must stay. Lower the ratio.")
+                        "stay. Lower the ratio or exclude the layer with layers=, or remove the whole block with "
+                        "remove_attention (units 'blocks', allocation 'global').")
     per_group = attention.heads_per_group
     groups_removed = set(layer.remove_kv_groups)
     if any(h // per_group in groups_removed for h in layer.remove_heads):
@@ -189,6 +226,12 @@ def _validate_layer(i: int, layer: LayerPlan, shape: LayerShape) -> None:
 def _shape_from_dict(d: dict[str, int]) -> LayerShape:
     return LayerShape(AttentionShape(int(d["num_heads"]), int(d["num_kv_heads"]), int(d["head_dim"])),
                       int(d["mlp_width"]))
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected true or false, got {value!r}")
+    return value
 
 
 def _int_list(values: Any) -> list[int]:

@@ -21,11 +21,14 @@ from . import allocation as alloc
 from .apply import MaskHandle, count_removed, mask, slice_model
 from .calibration import CalibrationStats, as_batches, calibrate
 from .errors import ConfigurationError
-from .estimators import Estimator, Scores, parse_estimator, validate_scores
+from .compensation import check_biases, compensation_entries, input_means
+from .estimators import Estimator, Scores, parse_estimator, run_estimator
 from .export import sync_config
 from .fusion import create_policy
+from .global_allocation import block_scores
 from .graph import Graph
-from .plan import Plan
+from .plan import LayerPlan, Plan
+from .scores import ScoreCache, estimator_record, fingerprint
 from .specs import detect_spec
 
 MODES = ("slice", "mask")
@@ -38,10 +41,16 @@ class Pruner:
         model: a transformers causal LM of a supported family (see ``adaprune.specs``).
         ratio: fraction of the prunable parameters (attention and MLP projections) to remove, in [0, 1).
         estimators: names (``"taylor"``), ``{"name": ..., **options}`` dicts, or Estimator instances.
-        fusion: fusion policy name (``coarse``, ``fine``, ``fixed``, ...); ``fusion_options`` its arguments.
-        allocation: how the budget is spread over layers (``uniform``, ...).
+        fusion: fusion policy name (``adaptive``, ``coarse``, ``fine``, ``fixed``, ...); ``fusion_options``
+            its arguments. ``adaptive`` trains its per-site blend on the calibration batches (see
+            ``adaprune.fusion_adaptive``).
+        allocation: how the budget is spread over layers: ``uniform`` (the same fraction from every
+            eligible layer) or ``global`` (one ranking of all units by normalised importance per
+            parameter; see ``adaprune.global_allocation``).
         units: what may be removed: ``heads`` / ``kv_groups`` (whole KV groups), ``query_heads``
-            (heads within groups, the same number in each), ``channels`` (MLP channels).
+            (heads within groups, the same number in each), ``channels`` (MLP channels), and with
+            global allocation ``blocks`` (whole attention and MLP blocks; or ``attention_blocks``,
+            ``mlp_blocks`` alone).
         mode: ``slice`` (physically smaller) or ``mask`` (zeroed, reversible with ``restore()``).
         layers: eligible layers: indices, or ``"start:stop"``; default all.
         multiple: kept MLP widths are rounded to a multiple of this.
@@ -53,7 +62,7 @@ class Pruner:
         model: nn.Module,
         ratio: float = 0.2,
         estimators: Sequence[str | dict | Estimator] = ("taylor",),
-        fusion: str = "fixed",
+        fusion: str = "adaptive",
         fusion_options: dict[str, Any] | None = None,
         allocation: str = "uniform",
         units: Sequence[str] = ("heads", "channels"),
@@ -83,20 +92,32 @@ class Pruner:
         self.fusion_options = dict(fusion_options or {})
         self.allocation = allocation
         self.units = alloc.normalise_units(units)
+        alloc.check_units(allocation, self.units, self.spec)
         self.mode = mode
         self.layers = layers
         self.multiple = multiple
         self.progress = progress
         self.report: dict[str, Any] = {"stages": {}}
         self._mask: MaskHandle | None = None
+        # The scores of the last calibration (score() or plan()): save them, or plan again from them.
+        self.score_cache: ScoreCache | None = None
+        # The token batches of the last calibration, for fusion policies that train on them (adaptive).
+        self.calibration_batches: list[torch.Tensor] = []
         # Resolve the layer choice now, so that a bad one fails before any work.
         alloc.eligible_layers(len(self.spec.decoder_layers(model)), layers)
 
     # ---- deciding ------------------------------------------------------------------------------
-    def score(self, calibration: Iterable | None = None, tokenizer: Any = None) -> dict[str, Scores]:
-        """Run the calibration pass once and every estimator; returns `{estimator: scores}`."""
+    def score(self, calibration: Iterable | None = None, tokenizer: Any = None) -> ScoreCache:
+        """Run the calibration pass once and every estimator; returns `{estimator: scores}` as a ScoreCache.
+
+        The pass gathers the union of what the estimators need; plan from the cache as often as
+        you like (`plan(scores=cache)`), or `cache.save(path)` and `ScoreCache.load(path)` it later.
+        """
         graph = Graph(self.model, self.spec)
         needs = set().union(*(e.needs for e in self.estimators))
+        compensating = any(e.compensates_bias for e in self.estimators)
+        if compensating:
+            check_biases(self.model, graph)  # refuse before any work
         stats = CalibrationStats()
         if needs - {"weights"}:
             if calibration is None:
@@ -104,33 +125,47 @@ class Pruner:
                     f"Estimators {[e.name for e in self.estimators if set(e.needs) - {'weights'}]} need calibration "
                     "data: pass token-id batches (or texts with a tokenizer) to plan().")
             batches = as_batches(_tokenize(calibration, tokenizer))
-            terms = [t for e in self.estimators for t in e.gradient_terms()]
+            self.calibration_batches = batches
+            # One fold per term name: two estimators may share a term (both Taylor orders need w*g).
+            terms = list({t.name: t for e in self.estimators for t in e.gradient_terms()}.values())
             with self._stage("calibration"):
                 stats = calibrate(self.model, graph, batches, activations="activations" in needs,
                                   gradient_terms=terms, progress=self.progress)
             self.report["calibration"] = {"samples": stats.samples, "tokens": stats.tokens, "passes": stats.passes,
                                           "mean_loss": stats.mean_loss}
+            if "calibration_data" in needs:
+                stats.batches = batches
         with self._stage("scoring"):
-            return {e.name: validate_scores(e, e.score(self.model, graph, stats), graph) for e in self.estimators}
+            scores = {e.name: run_estimator(e, self.model, graph, stats) for e in self.estimators}
+        means = input_means(graph, stats) if compensating else None
+        self.score_cache = ScoreCache(scores, [estimator_record(e) for e in self.estimators],
+                                      fingerprint(self.model, graph), means)
+        return self.score_cache
 
     def plan(self, calibration: Iterable | None = None, tokenizer: Any = None,
-             scores: dict[str, Scores] | None = None) -> Plan:
+             scores: ScoreCache | dict[str, Scores] | None = None) -> Plan:
         """Decide what to remove. The model is not changed.
 
         `calibration` is an iterable of token-id batches ([batch, seq] tensors or lists), or of
-        texts together with `tokenizer`. Pass `scores` (from `score()`) to plan again at another
-        ratio or fusion without a new calibration pass.
+        texts together with `tokenizer`. Pass `scores` (the ScoreCache from `score()`, or loaded
+        with `ScoreCache.load`) to plan again at another ratio or fusion without a calibration pass;
+        a cache made for another model or other estimators is refused.
         """
         graph = Graph(self.model, self.spec)
         if scores is None:
             scores = self.score(calibration, tokenizer)
+        else:
+            if calibration is not None:  # scores given: the batches still serve a fusion that trains
+                self.calibration_batches = as_batches(_tokenize(calibration, tokenizer))
+            if isinstance(scores, ScoreCache):
+                scores = scores.select(fingerprint(self.model, graph), self.estimators)
         candidates = {f"{name}/{granularity}": by_level
                       for name, by_granularity in scores.items() for granularity, by_level in by_granularity.items()}
         with self._stage("fusion"):
             fused = self.fusion.fuse(candidates, self)
-        budget = alloc.Budget(self.ratio, self.units, alloc.eligible_layers(len(graph), self.layers), self.multiple)
+        allocation_scores = self.allocation_scores(fused.scores, candidates)
         with self._stage("allocation"):
-            layer_plans = alloc.allocate(self.allocation, graph, fused.scores, budget)
+            layer_plans = self.allocate(fused.scores, candidates, graph)
         total = sum(p.numel() for p in self.model.parameters())
         prunable = graph.prunable_count(self.model)
         plan = Plan(
@@ -139,14 +174,37 @@ class Pruner:
             layers=layer_plans,
             settings=self.settings(),
             fusion={"policy": self.fusion_name, "options": self.fusion_options, "sites": fused.weights,
-                    "warnings": fused.warnings},
+                    "warnings": fused.warnings, **({"training": fused.info} if fused.info else {})},
             scores={level: [[round(float(v), 6) for v in t] for t in per_layer]
-                    for level, per_layer in fused.scores.items()},
+                    for level, per_layer in allocation_scores.items()},
         )
+        if any(e.compensates_bias for e in self.estimators):
+            check_biases(self.model, graph)
+            plan.compensation = compensation_entries(plan, self.model, graph, getattr(scores, "means", {}))
         removed = count_removed(plan, graph)
         plan.params = {"total_before": total, "total_after": total - removed, "prunable_before": prunable,
-                       "removed": removed}
+                       "removed": removed,
+                       # What the allocation achieved, against the ratio asked (rounding moves it a little).
+                       "prunable_fraction_removed": round(removed / prunable, 6) if prunable else 0.0}
         return plan
+
+    def allocation_scores(self, fused: dict[str, list[torch.Tensor]], candidates: dict) -> dict[str, list[torch.Tensor]]:
+        """The scores the allocation ranks: the fused ones, plus whole-block scores when blocks may go."""
+        scores = dict(fused)
+        if any(unit in alloc.BLOCK_UNITS for unit in self.units):
+            # Whole blocks compare across layers: from the raw scores, which fusion normalised away.
+            scores.update(block_scores(candidates))
+        return scores
+
+    def allocate(self, fused: dict[str, list[torch.Tensor]], candidates: dict,
+                 graph: Graph | None = None) -> list[LayerPlan]:
+        """The units this Pruner's budget and allocation remove, given fused scores (the model is untouched).
+
+        Fusion policies that train against the pruned structure (adaptive) call it with their current blend.
+        """
+        graph = graph or Graph(self.model, self.spec)
+        budget = alloc.Budget(self.ratio, self.units, alloc.eligible_layers(len(graph), self.layers), self.multiple)
+        return alloc.allocate(self.allocation, graph, self.allocation_scores(fused, candidates), budget)
 
     def settings(self) -> dict[str, Any]:
         return {"ratio": self.ratio, "estimators": [{"name": e.name, **e.options} for e in self.estimators],

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from adaprune import Graph, LayerPlan, Plan, Pruner
 from adaprune.apply import count_removed
 from adaprune.graph import LEVELS
+from adaprune.specs import detect_spec
 from families import Shape, build
 
 SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
@@ -30,10 +31,16 @@ def shapes(draw, grouped_query: bool = True):
 
 
 def random_plan(draw, model: nn.Module) -> Plan:
-    """A valid plan drawn at random: any subset of groups, the same number of heads per kept group, any channels."""
+    """A valid plan drawn at random: any subset of groups, the same number of heads per kept group, any channels.
+
+    Where the family can run without them, a layer sometimes loses its whole attention or MLP block.
+    """
     pruner = Pruner(model, ratio=0.0, estimators=["magnitude"], progress=False)
     plan = pruner.plan()
+    removable = detect_spec(model).removable_blocks()
     for layer, shape in zip(plan.layers, plan.shapes):
+        layer.remove_attention = "attention" in removable and draw(st.integers(0, 3)) == 0
+        layer.remove_mlp = "mlp" in removable and draw(st.integers(0, 3)) == 0
         attention = shape.attention
         groups = list(range(attention.num_kv_heads))
         layer.remove_kv_groups = sorted(draw(st.lists(st.sampled_from(groups), unique=True,
@@ -46,6 +53,10 @@ def random_plan(draw, model: nn.Module) -> Plan:
                 layer.remove_heads += sorted(draw(st.permutations(heads))[:drop])
         layer.remove_channels = sorted(draw(st.lists(st.integers(0, shape.mlp_width - 1), unique=True,
                                                      max_size=shape.mlp_width - 1)))
+        if layer.remove_attention:  # the whole block goes: no unit of it is listed
+            layer.remove_kv_groups, layer.remove_heads = [], []
+        if layer.remove_mlp:
+            layer.remove_channels = []
     graph = Graph(model)
     removed = count_removed(plan, graph)
     plan.params["total_after"] = plan.params["total_before"] - removed
@@ -107,7 +118,8 @@ def test_sliced_model_runs_with_predicted_size_and_matches_masked(family):
             pruner.apply(plan, mode="slice")
             sliced = model(input_ids=ids).logits
         assert n_params(model) == plan.params["total_after"]
-        torch.testing.assert_close(sliced, masked, rtol=0, atol=1e-5)
+        # Smaller matmuls round differently from zero-padded ones: a relative margin for large logits.
+        torch.testing.assert_close(sliced, masked, rtol=1e-4, atol=1e-5)
         assert [s.to_dict() for s in Graph(model).shapes] == [s.to_dict() for s in plan.pruned_shapes()]
 
     check()

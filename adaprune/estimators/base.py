@@ -10,8 +10,12 @@ from torch import nn
 from ..calibration import CalibrationStats, GradientTerm
 from ..graph import Graph
 
-#: What an estimator may ask the calibration pass for.
-NEEDS = frozenset({"weights", "activations", "gradients", "per_sample_gradients"})
+#: What an estimator may ask the calibration pass for:
+#: ``weights`` (nothing to gather), ``activations`` (per-channel input statistics of every
+#: prunable Linear), ``gradients`` (its gradient terms folded per unit or per position),
+#: ``per_sample_gradients`` (the same, one sample per pass: squared per-sample gradients), and
+#: ``calibration_data`` (the token batches themselves, for estimators that run the model).
+NEEDS = frozenset({"weights", "activations", "gradients", "per_sample_gradients", "calibration_data"})
 GRANULARITIES = ("coarse", "fine")
 
 #: granularity -> level -> one tensor of unit scores per layer (higher = more important)
@@ -27,6 +31,9 @@ class Estimator:
 
     name: ClassVar[str]
     needs: ClassVar[frozenset[str]] = frozenset({"weights"})
+    #: Plans made with this estimator fold the mean input of removed "in"-projection positions
+    #: into that projection's bias (see adaprune.compensation); needs ``activations``.
+    compensates_bias: bool = False
 
     def __init__(self, **options: Any) -> None:
         if options:

@@ -5,10 +5,16 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UnsupportedArchitectureError
+from .baichuan import BaichuanSpec
 from .base import ArchSpec, AttentionShape, LayerShape, Projection
+from .bloom import BloomSpec
 from .llama import LlamaSpec
+from .mistral import MistralSpec
+from .opt import OPTSpec
+from .phi3 import Phi3Spec
+from .qwen2 import Qwen2Spec
 
-_SPECS: list[type[ArchSpec]] = [LlamaSpec]
+_SPECS: list[type[ArchSpec]] = [LlamaSpec, MistralSpec, Qwen2Spec, Phi3Spec, OPTSpec, BloomSpec, BaichuanSpec]
 
 
 def register_spec(spec: type[ArchSpec]) -> type[ArchSpec]:

@@ -9,9 +9,9 @@ names a projection.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from torch import nn
 
@@ -35,6 +35,29 @@ class Projection:
     block: int = 1
 
 
+BLOCK_KINDS = ("attention", "mlp")
+
+
+@dataclass(frozen=True)
+class Block:
+    """A block of a decoder layer that pruning may remove whole: its attention or its MLP.
+
+    Declare one (`ArchSpec.attention_block` / `mlp_block`) only where the decoder layer itself adds
+    the block's output to the residual stream, so that a stand-in returning zeros leaves the
+    residual intact, and where zeroing every parameter of the block makes it output zeros (true
+    when it ends in a Linear). Bloom's blocks add the residual inside: it declares none.
+
+    `path` is the module path inside the decoder layer; `outputs` is 1 when its forward returns a
+    tensor, n when a tuple of n (the output first, the rest None); `caches` says it keeps a KV
+    cache entry, which must keep its length when the block is gone (the model reads the cached
+    length from layer 0 to place new tokens).
+    """
+
+    path: str
+    outputs: int = 1
+    caches: bool = False
+
+
 @dataclass(frozen=True)
 class AttentionShape:
     """Head counts of one attention block. `num_heads` query heads share `num_kv_heads` KV heads."""
@@ -45,7 +68,8 @@ class AttentionShape:
 
     @property
     def heads_per_group(self) -> int:
-        return self.num_heads // self.num_kv_heads
+        # A removed attention block has the shape (0, 0, 0): no groups, no heads per group.
+        return self.num_heads // self.num_kv_heads if self.num_kv_heads else 0
 
 
 @dataclass(frozen=True)
@@ -54,6 +78,11 @@ class LayerShape:
 
     attention: AttentionShape
     mlp_width: int
+
+    def removed_blocks(self) -> tuple[str, ...]:
+        """The blocks (of BLOCK_KINDS) this layer no longer has: 0 heads means no attention, 0 channels no MLP."""
+        return tuple(kind for kind, size in (("attention", self.attention.num_heads), ("mlp", self.mlp_width))
+                     if size == 0)
 
     def to_dict(self) -> dict[str, int]:
         return {
@@ -86,6 +115,19 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, name, module)
 
 
+def resize_linears(layer: nn.Module, sizes: Mapping[str, tuple[int, int]]) -> None:
+    """Replace Linears of `layer` by new ones of `(in_features, out_features)`, with a bias where the old had one.
+
+    For the layer factories of generated modeling files (see `ArchSpec.modeling_code`): the new
+    weights are uninitialised, the checkpoint fills them. Self-contained, as copied code must be.
+    """
+    for path, (in_features, out_features) in sizes.items():
+        parent_path, _, name = path.rpartition(".")
+        parent = layer.get_submodule(parent_path) if parent_path else layer
+        bias = getattr(parent, name).bias is not None
+        setattr(parent, name, nn.Linear(in_features, out_features, bias=bias))
+
+
 class ArchSpec(ABC):
     """Abstract description of one decoder-only model family.
 
@@ -104,6 +146,30 @@ class ArchSpec(ABC):
     #: Expression, in the generated modeling file, that builds decoder layer `index` from its
     #: own config `config.per_layer_config[index]` (`layer` is the stock-built layer).
     layer_factory: ClassVar[str] = "type(layer)(config.per_layer_config[index], index)"
+    #: Functions whose source is copied into the generated modeling file, for a `layer_factory`
+    #: that calls them: the reloaded model then runs the very code that rewrote the sliced one in
+    #: memory. They may use only `nn` (torch.nn) and each other, as the file imports no adaprune.
+    modeling_code: ClassVar[tuple[Callable[..., Any], ...]] = ()
+    #: Python expression over `config`: config values under which the stock classes can build the
+    #: model in the generated modeling file, before `layer_factory` gives each layer its own shape.
+    #: Families that derive `head_dim` from `hidden_size` build at the unpruned head count there.
+    stock_build_config: ClassVar[str] = "{}"
+    #: The blocks that may be removed whole (see `Block`); None: this family cannot drop that block.
+    attention_block: ClassVar[Block | None] = None
+    mlp_block: ClassVar[Block | None] = None
+
+    def removable_blocks(self) -> dict[str, Block]:
+        """The blocks this family can remove whole, by kind ("attention", "mlp")."""
+        blocks = {kind: getattr(self, f"{kind}_block") for kind in BLOCK_KINDS}
+        return {kind: block for kind, block in blocks.items() if block is not None}
+
+    def is_removed(self, layer: nn.Module, kind: str) -> bool:
+        """Whether the `kind` block of `layer` was removed (replaced by a stand-in that outputs zeros).
+
+        `layer_shape` reports a removed attention block as 0 heads, a removed MLP as 0 channels.
+        """
+        block = self.removable_blocks().get(kind)
+        return block is not None and bool(getattr(layer.get_submodule(block.path), "removed_block", False))
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -144,3 +210,33 @@ class ArchSpec(ABC):
 
     def rewrite_mlp(self, layer: nn.Module, width: int) -> None:
         """Rewrite the MLP module's shape attributes after slicing (most MLPs keep none)."""
+
+    def stock_builds(self, config: Any, shape: LayerShape) -> bool:
+        """Whether the stock modeling code builds a layer of `shape` from `config` (its keys rewritten).
+
+        False sends the checkpoint through the generated modeling file even when every layer has
+        the same shape: families whose code derives `head_dim` from `hidden_size` say False once
+        heads are gone.
+        """
+        return True
+
+    def layer_config(self, layer: nn.Module) -> dict[str, Any]:
+        """Extra per-layer config entries (JSON values) that the generated modeling file needs.
+
+        Bloom records here the original index of each head a layer keeps, for its ALiBi slope.
+        """
+        return {}
+
+
+class DerivedHeadDimSpec(ArchSpec):
+    """Base of families whose code derives `head_dim = hidden_size // heads` (OPT, Bloom, Baichuan).
+
+    Their stock code cannot build a layer that lost heads, even when every layer lost the same
+    number, so such a checkpoint goes through the generated modeling file: the stock classes build
+    the model at the unpruned head count (`stock_build_config`), then the spec's own reshaping
+    function, copied into the file (`modeling_code`), gives each layer the shapes of its config.
+    The config records `head_dim` explicitly.
+    """
+
+    def stock_builds(self, config: Any, shape: LayerShape) -> bool:
+        return shape.attention.num_heads * shape.attention.head_dim == config.hidden_size

@@ -9,6 +9,7 @@ from torch import nn
 from .base import (
     ArchSpec,
     AttentionShape,
+    Block,
     LayerShape,
     Projection,
     channel_owners,
@@ -27,32 +28,41 @@ class LlamaSpec(ArchSpec):
         "head_dim": "head_dim",
         "mlp_width": "intermediate_size",
     }
+    # The decoder layer adds each block's output to the residual; attention returns (output, weights).
+    attention_block = Block("self_attn", outputs=2, caches=True)
+    mlp_block = Block("mlp")
 
     @classmethod
     def structure_matches(cls, model: nn.Module) -> bool:
         layers = getattr(getattr(model, "model", None), "layers", None)
         if not layers:
             return False
-        layer = layers[0]
         needed = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-        names = {name for name, _ in layer.named_modules()}
+        # Any layer may have lost a whole block to pruning: a removed block stands for its projections.
+        names = set()
+        for layer in layers:
+            for name, module in layer.named_modules():
+                names.add(name)
+                if getattr(module, "removed_block", False):
+                    names.update(path for path in needed if path.startswith(f"{name}."))
         return all(path in names for path in needed)
 
     def decoder_layers(self, model: nn.Module) -> Sequence[nn.Module]:
         return model.model.layers
 
     def layer_shape(self, model: nn.Module, layer: nn.Module) -> LayerShape:
-        attn = layer.self_attn
-        head_dim = attn.head_dim
-        return LayerShape(
-            attention=AttentionShape(
+        attention = AttentionShape(0, 0, 0)  # a removed block: see ArchSpec.is_removed
+        if not self.is_removed(layer, "attention"):
+            attn = layer.self_attn
+            head_dim = attn.head_dim
+            attention = AttentionShape(
                 num_heads=attn.q_proj.out_features // head_dim,
                 num_kv_heads=attn.k_proj.out_features // head_dim,
                 head_dim=head_dim,
-            ),
-            mlp_width=layer.mlp.gate_proj.out_features,
-        )
+            )
+        mlp_width = 0 if self.is_removed(layer, "mlp") else layer.mlp.gate_proj.out_features
+        return LayerShape(attention=attention, mlp_width=mlp_width)
 
     def attention_projections(self, shape: AttentionShape) -> list[Projection]:
         q, kv, d = query_owners(shape), kv_owners(shape), shape.head_dim

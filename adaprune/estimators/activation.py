@@ -1,0 +1,50 @@
+"""Activation: a Wanda-style structured score, weight magnitude times input-activation norm.
+
+Every weight W_ij is scored |W_ij| * ||X_j||, with ||X_j|| the Euclidean norm of input feature j
+over all calibration tokens, and a unit's score is the sum over every weight it owns:
+
+* a row i of an "out" projection (q/k/v, gate/up): sum_j |W_ij| ||X_j||, the input features j
+  being shared by all rows;
+* a column c of an "in" projection (o, down): sum_i |W_ic| ||X_c||, its own input feature;
+* a bias entry b_i, whose input is the constant 1: |b_i| * sqrt(tokens).
+
+The score is element-wise summed, so it is reported as the ``fine`` granularity only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..calibration import ActivationStats, CalibrationStats
+from ..graph import LEVELS, Graph, Member
+from .base import Estimator, Scores
+from .hookspec import hookimpl
+
+
+def input_norms(stats: ActivationStats) -> torch.Tensor:
+    """||X_j|| over all calibration tokens, per input feature (float64)."""
+    return stats.sum_of_squares.clamp(min=0).sqrt()
+
+
+class ActivationEstimator(Estimator):
+    name = "activation"
+    needs = frozenset({"weights", "activations"})
+
+    def score(self, model: nn.Module, graph: Graph, stats: CalibrationStats) -> Scores:
+        params = dict(model.named_parameters())
+
+        def per_position(member: Member) -> torch.Tensor:
+            value = params[member.param_name].detach().abs().to(torch.float64).cpu()
+            inputs = stats.activations[member.module_path]
+            if value.dim() == 1:  # a bias entry: input 1 on every token
+                return value * float(inputs.count) ** 0.5
+            norms = input_norms(inputs)
+            return value @ norms if member.dim == 0 else value.sum(0) * norms
+
+        return {"fine": {level: graph.reduce(level, per_position) for level in LEVELS}}
+
+
+@hookimpl
+def adaprune_estimators():
+    return [ActivationEstimator]

@@ -1,0 +1,221 @@
+"""Global allocation and whole-block removal: the budget, the structural rules, and a model without blocks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from adaprune import ConfigurationError, Graph, LayerPlan, Plan, PlanError, Pruner
+from adaprune import allocation as alloc
+from adaprune.apply import count_removed
+from adaprune.global_allocation import block_scores, global_allocation
+from adaprune.specs.llama import LlamaSpec
+from conftest import random_batches
+from families import FAMILIES, Shape, build
+
+SHAPE = Shape(layers=4, kv_heads=4, heads_per_group=2, head_dim=8, width=40)
+
+
+def synthetic_scores(graph: Graph, seed: int = 0) -> dict[str, list[torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    return {level: [torch.rand(layer.num_units[level], generator=generator, dtype=torch.float64) + 0.1
+                    for layer in graph]
+            for level in ("kv_group", "head", "channel")}
+
+
+def budget(graph: Graph, ratio: float, units=("heads", "channels"), layers=None, multiple: int = 8) -> alloc.Budget:
+    return alloc.Budget(ratio, alloc.normalise_units(units), alloc.eligible_layers(len(graph), layers), multiple)
+
+
+def removed_fraction(plans: list[LayerPlan], graph: Graph) -> float:
+    prunable = sum(int(layer.unit_param_counts("kv_group").sum() + layer.unit_param_counts("channel").sum())
+                   for layer in graph)
+    removed = 0
+    for plan, layer in zip(plans, graph):
+        removed += sum(layer.block_params[kind] for kind in plan.removed_blocks())
+        removed += int(layer.unit_param_counts("kv_group")[plan.remove_kv_groups].sum())
+        removed += int(layer.unit_param_counts("head")[plan.remove_heads].sum())
+        removed += int(layer.unit_param_counts("channel")[plan.remove_channels].sum())
+    return removed / prunable
+
+
+@pytest.fixture(scope="module")
+def graph():
+    return Graph(build(FAMILIES[0], SHAPE))
+
+
+def test_global_is_registered():
+    assert alloc.STRATEGIES["global"] is global_allocation
+
+
+@pytest.mark.parametrize("units", [("heads", "channels"), ("query_heads", "channels"), ("channels",)])
+@pytest.mark.parametrize("ratio", [0.1, 0.2, 0.3])
+def test_budget_met_and_structure_rules_hold(graph, units, ratio):
+    plans = global_allocation(graph, synthetic_scores(graph), budget(graph, ratio, units))
+    # Near the budget: within the largest single step (a KV group here: 2048 of 16640 parameters).
+    assert abs(removed_fraction(plans, graph) - ratio) < 0.07
+    for plan, layer in zip(plans, graph):
+        shape = plan.pruned_shape(layer.shape)
+        assert shape.attention.num_kv_heads >= 1
+        assert shape.mlp_width % 8 == 0 and shape.mlp_width >= 8
+        per_group = SHAPE.heads_per_group
+        left = [sum(h not in plan.remove_heads for h in range(g * per_group, (g + 1) * per_group))
+                for g in range(SHAPE.kv_heads)]
+        assert len(set(left)) == 1 and left[0] >= 1
+
+
+def test_rounding_keeps_multiples_of_odd_widths():
+    graph = Graph(build(FAMILIES[0], Shape(layers=3, kv_heads=2, heads_per_group=1, head_dim=8, width=44)))
+    plans = global_allocation(graph, synthetic_scores(graph), budget(graph, 0.3, ("channels",), multiple=16))
+    widths = [plan.pruned_shape(layer.shape).mlp_width for plan, layer in zip(plans, graph)]
+    assert all(width in (16, 32, 44) for width in widths) and min(widths) < 44
+
+
+def test_per_site_normalisation_ignores_the_scale_of_a_layer(graph):
+    scores = synthetic_scores(graph)
+    scaled = {level: [t * (1000.0 if i == 2 else 1.0) for i, t in enumerate(per_layer)]
+              for level, per_layer in scores.items()}
+    assert global_allocation(graph, scores, budget(graph, 0.3)) == global_allocation(graph, scaled, budget(graph, 0.3))
+
+
+def test_lowest_units_go_first_across_layers(graph):
+    scores = synthetic_scores(graph)
+    scores["channel"][3][:16] = 1e-6  # 16 nearly useless channels in layer 3
+    plans = global_allocation(graph, scores, budget(graph, 0.05, ("channels",)))
+    assert set(range(16)) <= set(plans[3].remove_channels)
+
+
+def test_eligible_layers_only(graph):
+    plans = global_allocation(graph, synthetic_scores(graph), budget(graph, 0.2, layers="1:3"))
+    assert plans[0] == LayerPlan(0) and plans[3] == LayerPlan(3)
+    assert abs(removed_fraction(plans, graph) - 0.2) < 0.07
+
+
+def test_budget_beyond_what_units_can_remove(graph):
+    with pytest.raises(ConfigurationError, match="at most .* Lower the ratio"):
+        global_allocation(graph, synthetic_scores(graph), budget(graph, 0.9))
+
+
+def test_cheap_block_goes_whole_and_the_floor_does_not_apply_to_it(graph):
+    scores = synthetic_scores(graph)
+    scores["attention_block"] = [torch.tensor([r], dtype=torch.float64) for r in (1.5, 0.05, 1.2, 1.25)]
+    scores["mlp_block"] = [torch.tensor([1.0], dtype=torch.float64) for _ in range(4)]
+    plans = global_allocation(graph, scores, budget(graph, 0.15, ("heads", "channels", "blocks")))
+    assert plans[1].remove_attention and plans[1].remove_kv_groups == []
+    assert not any(p.remove_mlp for p in plans)
+    assert abs(removed_fraction(plans, graph) - 0.15) < 0.07
+
+
+def test_block_scores_compare_layers_from_raw_candidates():
+    candidates = {"m/coarse": {"kv_group": [torch.tensor([1.0, 1.0]), torch.tensor([3.0, 3.0])],
+                               "channel": [torch.ones(4), torch.ones(4)]}}
+    scores = block_scores(candidates)
+    assert [float(t) for t in scores["attention_block"]] == [0.5, 1.5]
+    assert [float(t) for t in scores["mlp_block"]] == [1.0, 1.0]
+
+
+def test_block_units_need_global_allocation_and_a_family_that_supports_them(tiny_gqa):
+    with pytest.raises(ConfigurationError, match="allocation='global'"):
+        Pruner(tiny_gqa, units=["heads", "blocks"], allocation="uniform")
+
+    class NoBlocks(LlamaSpec):
+        mlp_block = None
+
+    with pytest.raises(ConfigurationError, match="cannot run without its mlp block.*drop"):
+        alloc.check_units("global", ("mlp_blocks",), NoBlocks())
+
+
+def prune_blocks(model, ids):
+    """Plan with global allocation and whole blocks (layer 1 loses attention, layer 2 its MLP)."""
+    pruner = Pruner(model, ratio=0.0, estimators=["magnitude"], fusion="fixed", allocation="global",
+                    units=["heads", "channels", "blocks"], progress=False)
+    plan = pruner.plan()
+    plan.layers[1].remove_attention = True
+    plan.layers[2].remove_mlp = True
+    plan.layers[0].remove_kv_groups = [1]
+    with torch.no_grad():
+        pruner.apply(plan, mode="mask")
+        masked = model(input_ids=ids).logits
+        pruner.restore()
+        pruner.apply(plan, mode="slice")
+    return plan, masked
+
+
+def test_model_without_blocks_runs_generates_and_reloads(tmp_path):
+    shape = Shape(layers=3, kv_heads=2, heads_per_group=2, head_dim=8, width=16)
+    model = build(FAMILIES[1], shape)  # with biases: a block holds parameters no unit owns
+    fresh = build(FAMILIES[1], shape)
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(3))
+    plan, masked = prune_blocks(model, ids)
+    with torch.no_grad():
+        sliced = model(input_ids=ids).logits
+        torch.testing.assert_close(sliced, masked, rtol=1e-4, atol=1e-5)
+        # The KV cache keeps its length through a layer without attention: incremental == full.
+        first = model(input_ids=ids[:, :5], use_cache=True)
+        rest = model(input_ids=ids[:, 5:], cache=first.past_key_values, use_cache=True)
+        torch.testing.assert_close(torch.cat([first.logits, rest.logits], 1), sliced, rtol=1e-4, atol=1e-4)
+    layers = fresh.model.layers
+    whole = sum(p.numel() for block in (layers[1].self_attn, layers[2].mlp) for p in block.parameters())
+    group = int(Graph(fresh).layers[0].unit_param_counts("kv_group")[1])
+    assert count_removed(plan, Graph(fresh)) == whole + group
+    assert sum(p.numel() for p in model.parameters()) == plan.params["total_before"] - whole - group
+    assert [s.removed_blocks() for s in Graph(model).shapes] == [(), ("attention",), ("mlp",)]
+
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert [config["per_layer_config"].get(str(i), {}).get("skip") for i in range(3)] == [None, ["attention"], ["mlp"]]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, sliced, rtol=0, atol=1e-5)
+        generated = reloaded.generate(ids[:1, :4], max_new_tokens=5, min_new_tokens=5, do_sample=False)
+        greedy = ids[:1, :4]
+        for _ in range(5):
+            greedy = torch.cat([greedy, reloaded(input_ids=greedy).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(generated, greedy)
+
+
+def test_global_plan_with_blocks_end_to_end(tiny_gqa):
+    pruner = Pruner(tiny_gqa, ratio=0.3, estimators=["taylor"], fusion="fixed", allocation="global",
+                    units=["heads", "channels", "blocks"], progress=False)
+    plan = pruner.plan(random_batches(97))
+    assert "attention_block" in plan.scores and "mlp_block" in plan.scores
+    assert abs(plan.params["prunable_fraction_removed"] - 0.3) < 0.1
+    before = sum(p.numel() for p in tiny_gqa.parameters())
+    pruner.apply(plan)
+    assert sum(p.numel() for p in tiny_gqa.parameters()) == before - plan.params["removed"]
+    with torch.no_grad():
+        tiny_gqa(input_ids=torch.tensor([[1, 2, 3]]))
+
+
+def test_plan_versions_and_block_validation(tiny_gqa):
+    pruner = Pruner(tiny_gqa, estimators=["magnitude"], fusion="fixed", progress=False)
+    data = pruner.plan().to_dict()
+    assert data["version"] == 2
+    old = json.loads(json.dumps(data))
+    old["version"] = 1
+    for layer in old["layers"]:
+        del layer["remove_attention"], layer["remove_mlp"]
+    upgraded = Plan.from_dict(old)
+    assert upgraded.version == 2 and not any(layer.removed_blocks() for layer in upgraded.layers)
+
+    corrupt = json.loads(json.dumps(data))
+    corrupt["layers"][0]["remove_mlp"] = "yes"
+    with pytest.raises(PlanError, match="corrupt"):
+        Plan.from_dict(corrupt)
+
+    both = Plan.from_dict(data)
+    both.layers[0].remove_attention, both.layers[0].remove_kv_groups = True, [0]
+    with pytest.raises(PlanError, match="whole attention block and also lists units"):
+        pruner.apply(both)
+
+
+def test_plan_removing_a_block_the_family_cannot_lose_is_refused(tiny_gqa, monkeypatch):
+    pruner = Pruner(tiny_gqa, ratio=0.0, estimators=["magnitude"], fusion="fixed", progress=False)
+    plan = pruner.plan()
+    plan.layers[0].remove_mlp = True
+    monkeypatch.setattr(LlamaSpec, "mlp_block", None)
+    with pytest.raises(PlanError, match="cannot run without it"):
+        pruner.apply(plan)
