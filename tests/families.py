@@ -126,5 +126,5 @@ def build(family: Family, shape: Shape, seed: int = 0) -> PreTrainedModel:
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.dim() == 2 or name.endswith("bias"):
-                param.normal_(0, 0.2)
+                param.normal_(0, 0.1)
     return model.eval()
