@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -11,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .data import load_smollm2, test_token_stream, token_batches, wiki_texts
-from .evaluate import perplexity, tokens_per_second
+from .evaluate import perplexity, prefill_tokens_per_second, tokens_per_second
 from .pruner import Pruner
 
 CALIBRATION_SAMPLES = 32
@@ -32,12 +34,30 @@ print(type(model).__name__, "remote code" if remote else "stock classes")
 """
 
 
-def measure(model, stream: torch.Tensor) -> dict[str, float]:
+SPEED_ROUNDS = 5
+SPEEDS = {  # key -> (label, measurement)
+    "generate_tokens_per_second": ("generate tok/s (batch 1)",
+                                   lambda m: tokens_per_second(m, prompt_len=64, new_tokens=32, repeats=1)),
+    "prefill_tokens_per_second": ("prefill tok/s (4 x 128)", lambda m: prefill_tokens_per_second(m, repeats=1)),
+}
+
+
+def quality(model, stream: torch.Tensor) -> dict[str, float]:
     return {
         "params": sum(p.numel() for p in model.parameters()),
         "perplexity": perplexity(model, stream, seq_len=SEQ_LEN, max_windows=EVAL_WINDOWS)["perplexity"],
-        "tokens_per_second": tokens_per_second(model, prompt_len=64, new_tokens=32, repeats=3),
     }
+
+
+def speeds(dense, pruned) -> tuple[dict[str, float], dict[str, float]]:
+    """Median speeds of both models, measured in alternation so that a noisy machine slows both alike."""
+    samples = {name: {key: [] for key in SPEEDS} for name in ("dense", "pruned")}
+    for _ in range(SPEED_ROUNDS):
+        for name, model in (("dense", dense), ("pruned", pruned)):
+            for key, (_, measure) in SPEEDS.items():
+                samples[name][key].append(measure(model))
+    return tuple({key: statistics.median(values) for key, values in samples[name].items()}
+                 for name in ("dense", "pruned"))
 
 
 def run_demo(out: str = "out/smollm2-pruned", ratio: float = 0.2) -> int:
@@ -46,13 +66,18 @@ def run_demo(out: str = "out/smollm2-pruned", ratio: float = 0.2) -> int:
     model, tokenizer = load_smollm2()
     print(f"loaded SmolLM2-135M-Instruct in {time.perf_counter() - start:.1f} s")
     stream = test_token_stream(tokenizer)
-    before = measure(model, stream)
+    before = quality(model, stream)
+    dense = copy.deepcopy(model)  # kept for the side-by-side speed measurement
     batches = token_batches(tokenizer, wiki_texts("calibration"), seq_len=SEQ_LEN,
                             num_samples=CALIBRATION_SAMPLES, batch_size=4)
     pruner = Pruner(model, ratio=ratio, estimators=["taylor"])
     plan = pruner.plan(batches)
     pruner.apply(plan)
-    after = measure(model, stream)
+    after = quality(model, stream)
+    dense_speed, pruned_speed = speeds(dense, model)
+    before.update(dense_speed)
+    after.update(pruned_speed)
+    del dense
 
     folder = Path(out)
     model.save_pretrained(folder)
@@ -70,11 +95,13 @@ def run_demo(out: str = "out/smollm2-pruned", ratio: float = 0.2) -> int:
     reload_error = (torch.load(folder / "check_logits.pt") - expected).abs().max().item()
 
     print()
-    print(f"{'':22}{'before':>14}{'after':>14}{'after/before':>14}")
-    for key, label, fmt in (("params", "parameters", "{:,.0f}"), ("perplexity", "perplexity (wiki test)", "{:.2f}"),
-                            ("tokens_per_second", "tokens / second", "{:.1f}")):
-        print(f"{label:22}{fmt.format(before[key]):>14}{fmt.format(after[key]):>14}"
+    print(f"{'':26}{'before':>14}{'after':>14}{'after/before':>14}")
+    rows = [("params", "parameters", "{:,.0f}"), ("perplexity", "perplexity (wiki test)", "{:.2f}")]
+    rows += [(key, label, "{:.1f}") for key, (label, _) in SPEEDS.items()]
+    for key, label, fmt in rows:
+        print(f"{label:26}{fmt.format(before[key]):>14}{fmt.format(after[key]):>14}"
               f"{after[key] / before[key]:>14.3f}")
+    print(f"(speeds: medians of {SPEED_ROUNDS} rounds, dense and pruned measured in alternation)")
     print()
     print(f"removed {1 - after['params'] / before['params']:.1%} of all parameters "
           f"({plan.params['removed'] / plan.params['prunable_before']:.1%} of the prunable ones); "

@@ -7,6 +7,7 @@ runs without gradients, and leaves the model's train/eval mode as it found it.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-__all__ = ["load_mc_task", "multiple_choice", "perplexity", "tokens_per_second"]
+__all__ = ["load_mc_task", "multiple_choice", "perplexity", "prefill_tokens_per_second", "tokens_per_second"]
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -166,6 +167,7 @@ def multiple_choice(
     device = _device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     correct = correct_norm = 0
+    keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
     with _eval_mode(model):
         for example in tqdm(examples, desc="multiple choice", disable=not progress):
             question = example["input"].rstrip()  # BIG-bench inputs often end in a space
@@ -177,13 +179,17 @@ def multiple_choice(
                 input_ids[row, : len(ids)] = torch.tensor(ids)
                 attention_mask[row, : len(ids)] = 1
             input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            # log p(token t | tokens < t) for t = 1 .. width-1
+            # Only the positions that predict a choice's tokens need logits: the vocabulary
+            # projection of the question would be thrown away.
+            kept = {"logits_to_keep": width - min(start for _, start in encoded) + 1} if keeps_logits else {}
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kept).logits
+            offset = width - logits.shape[1]  # logits[:, j] predicts the token at offset + j + 1
             logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            token_logprobs = logprobs.gather(-1, input_ids[:, 1:, None]).squeeze(-1).cpu()
+            token_logprobs = logprobs.gather(-1, input_ids[:, offset + 1:, None]).squeeze(-1).cpu()
 
             loglik = [
-                token_logprobs[row, start - 1 : len(ids) - 1].sum().item() for row, (ids, start) in enumerate(encoded)
+                token_logprobs[row, start - 1 - offset : len(ids) - 1 - offset].sum().item()
+                for row, (ids, start) in enumerate(encoded)
             ]
             lengths = [len(" " + choice) for choice in example["choices"]]
             best = max(example["scores"])
@@ -256,3 +262,32 @@ def tokens_per_second(
         run()  # warm-up
         seconds = statistics.median(run() for _ in range(repeats))
     return batch_size * new_tokens / seconds
+
+
+def prefill_tokens_per_second(
+    model: torch.nn.Module, *, seq_len: int = 128, batch_size: int = 4, repeats: int = 3, seed: int = 0
+) -> float:
+    """Forward-pass throughput (the prompt-processing side of serving): tokens per second.
+
+    Median over ``repeats`` timed forward passes of ``batch_size`` x ``seq_len`` random token ids
+    (seeded), after one untimed warm-up pass.
+    """
+    if min(seq_len, batch_size, repeats) < 1:
+        raise ValueError("seq_len, batch_size and repeats must all be >= 1")
+    device = _device(model)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    input_ids = torch.randint(vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed)).to(device)
+
+    def run() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        model(input_ids=input_ids, use_cache=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    with _eval_mode(model):
+        run()  # warm-up
+        seconds = statistics.median(run() for _ in range(repeats))
+    return batch_size * seq_len / seconds

@@ -28,12 +28,8 @@ from torch import nn
 from transformers.dynamic_module_utils import get_relative_import_files
 
 from .blocks import RemovedBlock, remove_block
+from .data import cache_dir
 from .specs import ArchSpec, LayerShape
-
-
-def cache_dir() -> Path:
-    """adaprune's cache folder: `$ADAPRUNE_CACHE`, else `~/.cache/adaprune`."""
-    return Path(os.environ.get("ADAPRUNE_CACHE") or Path.home() / ".cache" / "adaprune")
 
 
 def sync_config(model: nn.Module, spec: ArchSpec, shapes: Sequence[LayerShape]) -> None:

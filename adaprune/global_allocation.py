@@ -5,8 +5,15 @@ mean), so that heads, KV groups and channels of different layers compare on one 
 divided by the parameters the unit carries, normalised the same way (its count over the site's
 mean count): importance per parameter, 1 for the average unit of every site. Normalising the
 parameter counts too keeps the ranking from favouring big units: a KV group and a channel that
-are each average in their site cost the same per parameter. Units leave from the bottom of
-that one list until the budget (ratio x prunable parameters) is met.
+are each average in their site cost the same per parameter.
+
+Per-site normalisation also removes what the raw scores know about which *layer* matters more,
+so each site is then weighed by its block's importance relative to the same block in the other
+layers (`block_scores`: each raw candidate's per-layer total over its mean across layers).
+Without that weight every layer's average unit costs the same, and at 50 % the list cut as deep
+into the first layers as into the middle ones (validation perplexity on a held-out part of the
+calibration split, SmolLM2-135M, coarse Taylor: 2388 unweighted, 484 weighted, 1041 uniform).
+Units leave from the bottom of that one list until the budget (ratio x prunable parameters) is met.
 
 The structural rules hold by the shape of the list, so nothing is rounded afterwards:
 
@@ -93,7 +100,12 @@ def block_scores(candidates: Mapping[str, Mapping[str, list[torch.Tensor]]]) -> 
 
 
 def global_allocation(graph: Graph, scores: Mapping[str, list[torch.Tensor]], budget: Budget) -> list[LayerPlan]:
-    """Remove the units that carry the least normalised importance per parameter, across all eligible layers."""
+    """Remove the units that carry the least normalised importance per parameter, across all eligible layers.
+
+    `scores` holds the fused scores per level and, from `block_scores`, each layer's relative
+    block importance (`"attention_block"`, `"mlp_block"`): the weight of the layer's sites, and the
+    score of a whole block where blocks may go. Without them every layer weighs the same.
+    """
     prunable = sum(_prunable_size(layer) for layer in graph)
     target = budget.ratio * prunable
     block_sizes = {kind: [layer.block_params[kind] for layer in graph if kind in layer.block_params]
@@ -128,14 +140,15 @@ def _entries(layer: LayerGraph, scores: Mapping[str, list[torch.Tensor]], budget
              mean_block: Mapping[str, float]) -> list[Entry]:
     """All entries of one layer that the chosen units allow."""
     i, attention, width = layer.index, layer.shape.attention, layer.shape.mlp_width
+    weight = {kind: _layer_weight(scores, kind, i) for kind in BLOCK_LEVELS}
     entries: list[Entry] = []
     if attention.num_kv_heads and "kv_groups" in budget.units:
-        site, params = per_site(scores["kv_group"][i]), layer.unit_param_counts("kv_group")
+        site, params = weight["attention"] * per_site(scores["kv_group"][i]), layer.unit_param_counts("kv_group")
         shares = params / params.double().mean()
         entries += [Entry(float(site[g] / shares[g]), i, "kv_group", 0, [g], int(params[g]))
                     for g in range(attention.num_kv_heads)]
     elif attention.num_kv_heads and "query_heads" in budget.units:
-        site, params = per_site(scores["head"][i]), layer.unit_param_counts("head")
+        site, params = weight["attention"] * per_site(scores["head"][i]), layer.unit_param_counts("head")
         shares = params / params.double().mean()
         per_group = attention.heads_per_group
         groups = [sorted(range(g * per_group, (g + 1) * per_group), key=lambda h: (float(site[h]), h))
@@ -146,7 +159,7 @@ def _entries(layer: LayerGraph, scores: Mapping[str, list[torch.Tensor]], budget
                                  int(params[heads].sum())))
     if width and "channels" in budget.units:
         # Channels of a layer all carry the same parameters: their normalised parameter count is 1.
-        site, per_channel = per_site(scores["channel"][i]), int(layer.unit_param_counts("channel")[0])
+        site, per_channel = weight["mlp"] * per_site(scores["channel"][i]), int(layer.unit_param_counts("channel")[0])
         order = sorted(range(width), key=lambda c: (float(site[c]), c))
         start = 0
         for step, size in enumerate(_chunk_sizes(width, budget.multiple)):
@@ -165,6 +178,13 @@ def _entries(layer: LayerGraph, scores: Mapping[str, list[torch.Tensor]], budget
                 params = layer.block_params[kind]
                 entries.append(Entry(float(relative[0]) / (params / mean_block[kind]), i, kind, 0, [], params))
     return entries
+
+
+def _layer_weight(scores: Mapping[str, list[torch.Tensor]], kind: str, layer: int) -> float:
+    """The layer's `kind` block importance relative to the other layers' (1 when unknown)."""
+    relative = scores.get(f"{kind}_block")
+    value = relative[layer].reshape(-1) if relative is not None else torch.empty(0)
+    return float(value[0]) if value.numel() and math.isfinite(float(value[0])) and float(value[0]) > 0 else 1.0
 
 
 def _chunk_sizes(width: int, multiple: int) -> list[int]:

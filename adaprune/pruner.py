@@ -189,10 +189,10 @@ class Pruner:
         return plan
 
     def allocation_scores(self, fused: dict[str, list[torch.Tensor]], candidates: dict) -> dict[str, list[torch.Tensor]]:
-        """The scores the allocation ranks: the fused ones, plus whole-block scores when blocks may go."""
+        """The scores the allocation ranks: the fused ones, plus the layers' block scores under global allocation."""
         scores = dict(fused)
-        if any(unit in alloc.BLOCK_UNITS for unit in self.units):
-            # Whole blocks compare across layers: from the raw scores, which fusion normalised away.
+        if self.allocation == "global":
+            # Layers compare (and whole blocks go) by the raw scores, which fusion normalised away.
             scores.update(block_scores(candidates))
         return scores
 

@@ -155,22 +155,24 @@ def _pct(value: float | None, stderr: float | None = None) -> str:
 
 
 def verdicts(rows: list[dict[str, Any]]) -> list[str]:
-    """Whether adaptive beats every other configuration of its ratio (perplexity, accuracy within 1 stderr)."""
+    """Each adaptive row against each rival of its ratio: the other fusions under the same
+    allocation, and LLM-Pruner's recipe. Perplexity must be lower; accuracy (raw and normalised)
+    no lower than the rival's beyond one standard error."""
     lines = []
     for row in rows:
         if not row["config"].startswith("adaptive"):
             continue
         rivals = [r for r in rows if r["ratio"] == row["ratio"] and not r["config"].startswith("adaptive")
-                  and (r["allocation"] == row["allocation"] or r["config"] == LLM_PRUNER)]
-        if not rivals:
-            continue
-        lower = all(row["perplexity"] < r["perplexity"] for r in rivals)
-        accuracy_ok = all(row.get(key, 0) >= r.get(key, 0) - row.get(key + "_stderr", 0)
-                          for r in rivals for key in ("accuracy", "accuracy_norm") if key in row)
-        lines.append(f"- ratio {row['ratio']:g}, {row['allocation']}: {row['config']} perplexity "
-                     f"{'lower than' if lower else 'NOT lower than'} every rival "
-                     f"({', '.join(r['config'] + (' ' + r['allocation'] if r['config'] != LLM_PRUNER else '') for r in rivals)}); "
-                     f"accuracy {'within' if accuracy_ok else 'NOT within'} one standard error or better.")
+                  and (r["config"] == LLM_PRUNER or (r["allocation"] == row["allocation"] and not row["layers"]))]
+        outcomes = []
+        for rival in rivals:
+            lower = row["perplexity"] < rival["perplexity"]
+            accuracy_ok = all(row[key] >= rival[key] - row[key + "_stderr"]
+                              for key in ("accuracy", "accuracy_norm") if key in row and key in rival)
+            outcomes.append(f"{'beats' if lower and accuracy_ok else 'does NOT beat'} {rival['config']} "
+                            f"({rival['perplexity']:.1f}{'' if accuracy_ok else ', accuracy lower beyond one stderr'})")
+        where = f"{row['allocation']}" + (f", layers {row['layers']}" if row["layers"] else ", all layers")
+        lines.append(f"- {row['ratio']:g}, {where}: adaptive {row['perplexity']:.1f} " + "; ".join(outcomes) + ".")
     return lines
 
 
@@ -195,7 +197,8 @@ def write_results(payload: dict[str, Any], out: Path) -> None:
     ]
     for row in rows:
         lines.append(
-            f"| {row['ratio']:g} | {row['allocation']} | {row['config']} | {row['perplexity']:.2f} | "
+            f"| {row['ratio']:g} | {row['allocation']}{' ' + row['layers'] if row.get('layers') else ''} | "
+            f"{row['config']} | {row['perplexity']:.2f} | "
             f"{_pct(row.get('accuracy'), row.get('accuracy_stderr'))} | "
             f"{_pct(row.get('accuracy_norm'), row.get('accuracy_norm_stderr'))} | {row['params_after']:,} | "
             f"{_pct(row.get('prunable_fraction_removed'))} | {row['prune_seconds']} | {row['peak_rss_mb']} |")

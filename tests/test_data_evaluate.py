@@ -6,6 +6,7 @@ import importlib.util
 import itertools
 import json
 import math
+import random
 import types
 
 import pytest
@@ -14,7 +15,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from adaprune import data
-from adaprune.evaluate import load_mc_task, multiple_choice, perplexity, tokens_per_second
+from adaprune.evaluate import (load_mc_task, multiple_choice, perplexity, prefill_tokens_per_second,
+                               tokens_per_second)
 
 VOCAB = 100
 WORDS = ["<pad>", "<unk>", "good", "bad", "is", "it", "a", "b", "c", "d"]
@@ -156,6 +158,36 @@ def test_multiple_choice_on_tiny_llama_is_in_bounds(tmp_path, tokenizer) -> None
     assert model.training
 
 
+class FullLogitsOnly(torch.nn.Module):
+    """The same model behind a forward without `logits_to_keep`: every position gets logits."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+
+def test_multiple_choice_scores_only_the_choices_positions(tokenizer) -> None:
+    rng = random.Random(0)
+    examples = []
+    for _ in range(40):
+        answer = rng.choice((1, 2, 3))
+        examples.append({"input": " ".join(rng.choices(WORDS[2:], k=rng.randint(1, 6))),
+                         "target_scores": {" ".join(rng.choices(WORDS[2:], k=k)): int(k == answer) for k in (1, 2, 3)}})
+    model = tiny_llama(seed=3)
+    projected_positions = []
+    hook = model.lm_head.register_forward_hook(lambda _m, args, _out: projected_positions.append(args[0].shape[1]))
+    trimmed = multiple_choice(model, tokenizer, examples)
+    hook.remove()
+    full = multiple_choice(FullLogitsOnly(model), tokenizer, examples)
+    assert trimmed == full
+    assert 0 < trimmed["accuracy"] < 1 and 0 < trimmed["accuracy_norm"] < 1
+    # the question's positions were not projected onto the vocabulary
+    assert max(projected_positions) <= 4
+
+
 @pytest.mark.parametrize(
     "content",
     [
@@ -187,6 +219,16 @@ def test_tokens_per_second_runs_greedy_generation() -> None:
     model = tiny_llama()
     speed = tokens_per_second(model, prompt_len=8, new_tokens=5, batch_size=2, repeats=2)
     assert speed > 0 and math.isfinite(speed)
+
+
+def test_prefill_tokens_per_second_restores_mode_and_refuses_bad_sizes() -> None:
+    model = tiny_llama()
+    model.train()
+    speed = prefill_tokens_per_second(model, seq_len=16, batch_size=2, repeats=2)
+    assert speed > 0 and math.isfinite(speed)
+    assert model.training
+    with pytest.raises(ValueError, match="seq_len"):
+        prefill_tokens_per_second(model, seq_len=0)
 
 
 # --- data -------------------------------------------------------------------------------------

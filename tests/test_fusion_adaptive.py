@@ -105,3 +105,13 @@ def test_bad_options_are_refused():
         create_policy("adaptive", objective="mse")
     with pytest.raises(ConfigurationError):
         create_policy("adaptive", steps=-1)
+
+
+def test_trains_under_global_allocation(tiny_gqa):
+    pruner = Pruner(tiny_gqa, ratio=0.4, estimators=[{"name": "taylor", "order": 2}], fusion="adaptive",
+                    fusion_options=FAST, allocation="global", progress=False)
+    plan = pruner.plan(random_batches(97))
+    assert plan.fusion["training"]["steps"] == FAST["steps"]
+    assert 0.3 < plan.params["prunable_fraction_removed"] < 0.5
+    for weights in site_weights(plan).values():
+        assert math.isclose(sum(weights.values()), 1.0, abs_tol=1e-5)

@@ -81,6 +81,19 @@ def test_per_site_normalisation_ignores_the_scale_of_a_layer(graph):
     assert global_allocation(graph, scores, budget(graph, 0.3)) == global_allocation(graph, scaled, budget(graph, 0.3))
 
 
+def test_layers_whose_blocks_matter_more_lose_less(graph):
+    same = synthetic_scores(graph)
+    scores = {level: [per_layer[0].clone() for _ in per_layer] for level, per_layer in same.items()}
+    scores["attention_block"] = [torch.tensor([w], dtype=torch.float64) for w in (1.0, 1.0, 1.0, 1.0)]
+    scores["mlp_block"] = [torch.tensor([w], dtype=torch.float64) for w in (4.0, 1.0, 1.0, 0.25)]
+    plans = global_allocation(graph, scores, budget(graph, 0.15, ("channels",)))
+    lost = [len(plan.remove_channels) for plan in plans]
+    assert lost[0] < lost[1] == lost[2] < lost[3]
+    without = global_allocation(graph, {k: v for k, v in scores.items() if not k.endswith("_block")},
+                                budget(graph, 0.15, ("channels",)))
+    assert len({len(plan.remove_channels) for plan in without}) == 1  # identical layers, equal weight
+
+
 def test_lowest_units_go_first_across_layers(graph):
     scores = synthetic_scores(graph)
     scores["channel"][3][:16] = 1e-6  # 16 nearly useless channels in layer 3
