@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .calibration import frozen
 from .errors import ConfigurationError
 from .fusion import Candidates, FusionPolicy, FusionResult, granularity_of, normalise, register_policy
 from .graph import Graph
@@ -236,7 +237,7 @@ class _Trainer:
         best = (math.inf, -1, {k: v.detach().clone() for k, v in self.attention.state_dict().items()})
         progress = tqdm(total=self.policy.steps, desc="adaptive fusion", unit="step",
                         disable=not getattr(self.context, "progress", False))
-        with _frozen(self.model), self._mask_hooks():
+        with frozen(self.model), self._mask_hooks():
             for step in range(self.policy.steps + 1):
                 if step % self.policy.eval_every == 0 or step == self.policy.steps:
                     hard = self._hard_loss()
@@ -405,19 +406,3 @@ def _soft_mask(scores: torch.Tensor, removed: list[int], temperature: float, str
     hard = torch.ones_like(soft)
     hard[removed] = 0.0
     return hard + soft - soft.detach()
-
-
-@contextmanager
-def _frozen(model: nn.Module) -> Iterator[None]:
-    """Weights without gradients and dropout off while the blend trains; both restored afterwards."""
-    saved = {name: p.requires_grad for name, p in model.named_parameters()}
-    was_training = model.training
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for name, p in model.named_parameters():
-            p.requires_grad_(saved[name])
-        model.train(was_training)

@@ -48,21 +48,14 @@ class BaichuanSpec(DerivedHeadDimSpec):
     model_types = ("baichuan",)
     architectures = ("BaiChuanForCausalLM",)
     config_keys = {"num_heads": "num_attention_heads", "head_dim": "head_dim", "mlp_width": "intermediate_size"}
+    layers_path = "model.layers"
+    # Rotary positions: the ALiBi variants (Baichuan-13B) derive their slopes from the head count
+    # in the model, which this spec does not rewrite; they are refused rather than mis-sliced.
+    layer_modules = ("self_attn.W_pack", "self_attn.rotary_emb", "self_attn.o_proj", "mlp.gate_proj",
+                     "mlp.up_proj", "mlp.down_proj")
     layer_factory = "reshape_baichuan_layer(layer, config.per_layer_config[index])"
     modeling_code = (resize_linears, set_baichuan_heads, reshape_baichuan_layer)
     stock_build_config = "{'num_attention_heads': config.hidden_size // config.head_dim}"
-
-    @classmethod
-    def structure_matches(cls, model: nn.Module) -> bool:
-        layers = getattr(getattr(model, "model", None), "layers", None)
-        names = {name for name, _ in layers[0].named_modules()} if layers else set()
-        # Rotary positions: the ALiBi variants (Baichuan-13B) derive their slopes from the head count
-        # in the model, which this spec does not rewrite; they are refused rather than mis-sliced.
-        return {"self_attn.W_pack", "self_attn.rotary_emb", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
-                "mlp.down_proj"} <= names
-
-    def decoder_layers(self, model: nn.Module) -> Sequence[nn.Module]:
-        return model.model.layers
 
     def layer_shape(self, model: nn.Module, layer: nn.Module) -> LayerShape:
         attn = layer.self_attn

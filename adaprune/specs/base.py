@@ -143,6 +143,10 @@ class ArchSpec(ABC):
     architectures: ClassVar[tuple[str, ...]] = ()
     #: Config key holding each layer-shape field (`num_heads`, `num_kv_heads`, `head_dim`, `mlp_width`).
     config_keys: ClassVar[dict[str, str]] = {}
+    #: Path from the model to its list of decoder layers, e.g. `"model.layers"`.
+    layers_path: ClassVar[str]
+    #: Modules every decoder layer has (paths inside the layer): a model that lacks one is refused.
+    layer_modules: ClassVar[tuple[str, ...]] = ()
     #: Expression, in the generated modeling file, that builds decoder layer `index` from its
     #: own config `config.per_layer_config[index]` (`layer` is the stock-built layer).
     layer_factory: ClassVar[str] = "type(layer)(config.per_layer_config[index], index)"
@@ -181,12 +185,26 @@ class ArchSpec(ABC):
 
     @classmethod
     def structure_matches(cls, model: nn.Module) -> bool:
-        """Whether the module structure is the one this spec expects (checked after the name)."""
-        return True
+        """Whether the module structure is the one this spec expects (checked after the name):
+        the decoder layers sit at `layers_path` and have the `layer_modules`."""
+        try:
+            layers = model.get_submodule(cls.layers_path)
+        except AttributeError:
+            return False
+        if not layers:
+            return False
+        names = set()
+        for layer in layers:
+            for name, module in layer.named_modules():
+                names.add(name)
+                # A layer may have lost a whole block to pruning: the stand-in stands for its modules.
+                if getattr(module, "removed_block", False):
+                    names.update(path for path in cls.layer_modules if path.startswith(f"{name}."))
+        return all(path in names for path in cls.layer_modules)
 
-    @abstractmethod
     def decoder_layers(self, model: nn.Module) -> Sequence[nn.Module]:
         """The decoder layers, in order."""
+        return model.get_submodule(self.layers_path)
 
     @abstractmethod
     def layer_shape(self, model: nn.Module, layer: nn.Module) -> LayerShape:

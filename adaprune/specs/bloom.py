@@ -63,19 +63,12 @@ class BloomSpec(DerivedHeadDimSpec):
     architectures = ("BloomForCausalLM",)
     # Stock Bloom has no keys for `head_dim` and the MLP width (4 * hidden_size): a pruned config adds them.
     config_keys = {"num_heads": "n_head", "head_dim": "head_dim", "mlp_width": "intermediate_size"}
+    layers_path = "transformer.h"
+    layer_modules = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h",
+                     "mlp.dense_4h_to_h")
     layer_factory = "reshape_bloom_layer(layer, config.per_layer_config[index])"
     modeling_code = (resize_linears, select_alibi_heads, set_bloom_heads, reshape_bloom_layer)
     stock_build_config = "{'n_head': config.hidden_size // config.head_dim}"
-
-    @classmethod
-    def structure_matches(cls, model: nn.Module) -> bool:
-        layers = getattr(getattr(model, "transformer", None), "h", None)
-        names = {name for name, _ in layers[0].named_modules()} if layers else set()
-        return {"self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h",
-                "mlp.dense_4h_to_h"} <= names
-
-    def decoder_layers(self, model: nn.Module) -> Sequence[nn.Module]:
-        return model.transformer.h
 
     def layer_shape(self, model: nn.Module, layer: nn.Module) -> LayerShape:
         attn = layer.self_attention

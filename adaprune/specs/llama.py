@@ -28,28 +28,12 @@ class LlamaSpec(ArchSpec):
         "head_dim": "head_dim",
         "mlp_width": "intermediate_size",
     }
+    layers_path = "model.layers"
+    layer_modules = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
     # The decoder layer adds each block's output to the residual; attention returns (output, weights).
     attention_block = Block("self_attn", outputs=2, caches=True)
     mlp_block = Block("mlp")
-
-    @classmethod
-    def structure_matches(cls, model: nn.Module) -> bool:
-        layers = getattr(getattr(model, "model", None), "layers", None)
-        if not layers:
-            return False
-        needed = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-        # Any layer may have lost a whole block to pruning: a removed block stands for its projections.
-        names = set()
-        for layer in layers:
-            for name, module in layer.named_modules():
-                names.add(name)
-                if getattr(module, "removed_block", False):
-                    names.update(path for path in needed if path.startswith(f"{name}."))
-        return all(path in names for path in needed)
-
-    def decoder_layers(self, model: nn.Module) -> Sequence[nn.Module]:
-        return model.model.layers
 
     def layer_shape(self, model: nn.Module, layer: nn.Module) -> LayerShape:
         attention = AttentionShape(0, 0, 0)  # a removed block: see ArchSpec.is_removed

@@ -37,19 +37,11 @@ class OPTSpec(DerivedHeadDimSpec):
     model_types = ("opt",)
     architectures = ("OPTForCausalLM",)
     config_keys = {"num_heads": "num_attention_heads", "head_dim": "head_dim", "mlp_width": "ffn_dim"}
+    layers_path = "model.decoder.layers"
+    layer_modules = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2")
     layer_factory = "reshape_opt_layer(layer, config.per_layer_config[index])"
     modeling_code = (resize_linears, reshape_opt_layer)
     stock_build_config = "{'num_attention_heads': config.hidden_size // config.head_dim}"
-
-    @classmethod
-    def structure_matches(cls, model: nn.Module) -> bool:
-        layers = getattr(getattr(getattr(model, "model", None), "decoder", None), "layers", None)
-        names = {name for name, _ in layers[0].named_modules()} if layers else set()
-        return {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
-                "fc1", "fc2"} <= names
-
-    def decoder_layers(self, model: nn.Module) -> Sequence[nn.Module]:
-        return model.model.decoder.layers
 
     def layer_shape(self, model: nn.Module, layer: nn.Module) -> LayerShape:
         attn = layer.self_attn

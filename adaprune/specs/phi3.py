@@ -30,16 +30,9 @@ class Phi3Spec(ArchSpec):
     model_types = ("phi3",)
     architectures = ("Phi3ForCausalLM",)
     config_keys = LlamaSpec.config_keys  # the same key names
+    layers_path = "model.layers"
+    layer_modules = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
     stock_build_config = "{'num_attention_heads': config.hidden_size // config.head_dim}"
-
-    @classmethod
-    def structure_matches(cls, model: nn.Module) -> bool:
-        layers = getattr(getattr(model, "model", None), "layers", None)
-        names = {name for name, _ in layers[0].named_modules()} if layers else set()
-        return {"self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"} <= names
-
-    def decoder_layers(self, model: nn.Module) -> Sequence[nn.Module]:
-        return model.model.layers
 
     def layer_shape(self, model: nn.Module, layer: nn.Module) -> LayerShape:
         attn = layer.self_attn
