@@ -189,12 +189,12 @@ class Pruner:
         return plan
 
     def allocation_scores(self, fused: dict[str, list[torch.Tensor]], candidates: dict) -> dict[str, list[torch.Tensor]]:
-        """The scores the allocation ranks: the fused ones, plus the layers' block scores under global allocation."""
-        scores = dict(fused)
-        if self.allocation == "global":
-            # Layers compare (and whole blocks go) by the raw scores, which fusion normalised away.
-            scores.update(block_scores(candidates))
-        return scores
+        """The scores the allocation ranks: the fused ones, and each layer's block scores.
+
+        Fusion normalises every site, so only the raw candidates can say which layer matters more:
+        `block_scores` does, for an allocation that compares layers (global) or removes whole blocks.
+        """
+        return {**fused, **block_scores(candidates)}
 
     def allocate(self, fused: dict[str, list[torch.Tensor]], candidates: dict,
                  graph: Graph | None = None) -> list[LayerPlan]:

@@ -105,10 +105,6 @@ def channel_owners(width: int) -> tuple[Owner, ...]:
     return tuple(("ch", c) for c in range(width))
 
 
-def get_submodule(root: nn.Module, path: str) -> nn.Module:
-    return root.get_submodule(path)
-
-
 def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
