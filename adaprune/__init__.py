@@ -15,27 +15,40 @@ from .errors import (
     PlanError,
     UnsupportedArchitectureError,
 )
-from .estimators import Estimator, hookimpl, list_estimators
-from .graph import Graph
+from .estimators.base import Estimator
+from .hookspecs import hookimpl
+from .pipeline import DEFAULTS, PruneConfig, Pruner
 from .plan import LayerPlan, Plan
-from .pruner import Pruner
-from .scores import ScoreCache
+from .plugins import detect_spec, list_estimators, unit_table
+from .scoring.cache import ScoreCache
+from .stages.base import Stage, StageContext
+from .units.table import UnitTable
+from .vocabulary import BlockKind, Level, UnitKind
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapruneError",
+    "BlockKind",
     "CalibrationError",
     "ConfigurationError",
+    "DEFAULTS",
     "Estimator",
     "EstimatorError",
-    "Graph",
     "LayerPlan",
+    "Level",
     "Plan",
     "PlanError",
+    "PruneConfig",
     "Pruner",
     "ScoreCache",
+    "Stage",
+    "StageContext",
+    "UnitKind",
+    "UnitTable",
     "UnsupportedArchitectureError",
+    "detect_spec",
     "hookimpl",
     "list_estimators",
+    "unit_table",
 ]

@@ -15,6 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def cache_dir() -> Path:
+    """The cache directory: ``$ADAPRUNE_CACHE`` if set, else ``~/.cache/adaprune``."""
+    env = os.environ.get("ADAPRUNE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "adaprune"
+
+
 def _temporary_sibling(path: Path, directory: bool) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{path.name}.tmp-"

@@ -16,11 +16,15 @@ from typing import Any
 import torch
 
 from .errors import PlanError
-from .specs import AttentionShape, LayerShape
+from .io import write_text
+from .specs.base import AttentionShape, LayerShape, Owner
+from .vocabulary import BlockKind, Level
 
 PLAN_FORMAT = "adaprune-plan"
-PLAN_VERSION = 2  # 2 added whole-block removal (remove_attention, remove_mlp)
-READABLE_VERSIONS = (1, 2)  # a version-1 plan reads as one that removes no whole block
+# 2 added whole-block removal (remove_attention, remove_mlp); 3 moved the block importance out of
+# `scores` into `block_scores` and records every setting with its defaults resolved.
+PLAN_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # a version-1 plan reads as one that removes no whole block
 
 
 @dataclass
@@ -38,9 +42,20 @@ class LayerPlan:
     remove_attention: bool = False
     remove_mlp: bool = False
 
-    def removed_blocks(self) -> list[str]:
-        """The blocks that go whole: "attention", "mlp"."""
-        return [kind for kind, gone in (("attention", self.remove_attention), ("mlp", self.remove_mlp)) if gone]
+    def removed_blocks(self) -> list[BlockKind]:
+        """The blocks that go whole."""
+        return [kind for kind, gone in ((BlockKind.ATTENTION, self.remove_attention), (BlockKind.MLP, self.remove_mlp))
+                if gone]
+
+    def removed_units(self, level: Level, num_units: int) -> list[int]:
+        """The units of `level` this plan names for removal (all `num_units` of them when their block goes whole).
+
+        A query head of a removed KV group is not listed at the head level: the group owns it.
+        """
+        if self.remove_attention and level is not Level.CHANNEL or self.remove_mlp and level is Level.CHANNEL:
+            return list(range(num_units))
+        return list({Level.KV_GROUP: self.remove_kv_groups, Level.HEAD: self.remove_heads,
+                     Level.CHANNEL: self.remove_channels}[level])
 
     def removed_query_heads(self, shape: AttentionShape) -> set[int]:
         if self.remove_attention:
@@ -49,12 +64,12 @@ class LayerPlan:
         groups = set(self.remove_kv_groups)
         return {h for h in range(shape.num_heads) if h // per_group in groups} | set(self.remove_heads)
 
-    def keeps(self, shape: LayerShape) -> Callable[[tuple[str, int]], bool]:
-        """Whether a block owner (("q", h), ("kv", g) or ("ch", c)) survives this plan."""
+    def keeps(self, shape: LayerShape) -> Callable[[Owner], bool]:
+        """Whether a block owner of the spec's layouts (a query head, a KV group, a channel) survives this plan."""
         removed = {
-            "q": self.removed_query_heads(shape.attention),
-            "kv": set(range(shape.attention.num_kv_heads)) if self.remove_attention else set(self.remove_kv_groups),
-            "ch": set(range(shape.mlp_width)) if self.remove_mlp else set(self.remove_channels),
+            Level.HEAD: self.removed_query_heads(shape.attention),
+            Level.KV_GROUP: set(self.removed_units(Level.KV_GROUP, shape.attention.num_kv_heads)),
+            Level.CHANNEL: set(self.removed_units(Level.CHANNEL, shape.mlp_width)),
         }
         return lambda owner: owner[1] not in removed[owner[0]]
 
@@ -82,8 +97,10 @@ class Plan:
 
     ``model`` records the architecture and the per-layer shapes of the model the plan is for;
     ``settings`` the Pruner's arguments; ``fusion`` the blend weights chosen per site;
-    ``scores`` (optional) the fused score of every unit; ``params`` the parameter counts
-    before and after; ``compensation`` (optional) the bias shifts of adaprune.compensation.
+    ``scores`` (optional) the fused score of every unit, per level; ``block_scores`` (optional)
+    each layer's block importance relative to the other layers' (what allocation weighed layers
+    by); ``params`` the parameter counts before and after; ``compensation`` (optional) the bias
+    shifts of adaprune.apply.compensation; ``stages`` what the stages after apply did.
     """
 
     model: dict[str, Any]
@@ -92,7 +109,9 @@ class Plan:
     params: dict[str, int] = field(default_factory=dict)
     fusion: dict[str, Any] = field(default_factory=dict)
     scores: dict[str, Any] = field(default_factory=dict)
+    block_scores: dict[str, Any] = field(default_factory=dict)
     compensation: list[dict[str, Any]] = field(default_factory=list)
+    stages: dict[str, Any] = field(default_factory=dict)
     version: int = PLAN_VERSION
 
     # ---- shapes -------------------------------------------------------------------------
@@ -124,7 +143,9 @@ class Plan:
             "layers": [asdict(layer) for layer in self.layers],
             "fusion": self.fusion,
             "scores": self.scores,
+            **({"block_scores": self.block_scores} if self.block_scores else {}),
             **({"compensation": self.compensation} if self.compensation else {}),
+            **({"stages": self.stages} if self.stages else {}),
         }
 
     @classmethod
@@ -149,12 +170,18 @@ class Plan:
         compensation = data.get("compensation", [])
         if not isinstance(compensation, list) or not all(isinstance(entry, dict) for entry in compensation):
             raise PlanError("The plan's 'compensation' is not a list of entries; the plan is corrupt, re-create it.")
+        scores, block_scores = dict(data.get("scores", {})), dict(data.get("block_scores", {}))
+        for kind in BlockKind:  # version 2 kept the block importance among the unit scores
+            if f"{kind}_block" in scores:
+                block_scores[str(kind)] = [values[0] if values else None for values in scores.pop(f"{kind}_block")]
         # An older plan is read into the current format, and saved as such.
         return cls(model=model, layers=layers, settings=data.get("settings", {}), params=data.get("params", {}),
-                   fusion=data.get("fusion", {}), scores=data.get("scores", {}), compensation=compensation)
+                   fusion=data.get("fusion", {}), scores=scores, block_scores=block_scores, compensation=compensation,
+                   stages=data.get("stages", {}))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+        """Write the plan as JSON, atomically: a failed write leaves the previous file as it was."""
+        write_text(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:

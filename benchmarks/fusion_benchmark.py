@@ -46,9 +46,9 @@ from typing import Any
 import torch
 
 from adaprune import Pruner
-from adaprune.data import load_smollm2, test_token_stream, token_batches, wiki_texts
+from adaprune.tools.data import load_smollm2, test_token_stream, token_batches, wiki_texts
 from adaprune.estimators.taylor import TaylorEstimator
-from adaprune.evaluate import multiple_choice, perplexity
+from adaprune.tools.evaluate import multiple_choice, perplexity
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SOCIAL_IQA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "social_iqa" / "task.json"

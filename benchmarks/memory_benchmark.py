@@ -95,7 +95,7 @@ def child(case: str, samples: int) -> dict:
     """Run one case in this process and return its measurements."""
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     from adaprune import Pruner
-    from adaprune.data import load_smollm2, token_batches, wiki_texts
+    from adaprune.tools.data import load_smollm2, token_batches, wiki_texts
 
     runtime = rss_bytes()
     model, tokenizer = load_smollm2()

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from adaprune import Pruner
-from adaprune.cli import main
+from adaprune.tools.cli import main
 from conftest import random_batches
 from families import FAMILIES, Shape, build
 
@@ -105,7 +105,7 @@ def test_eval_pruned_model_with_removed_blocks_needs_remote_code(files, capsys):
 def plan_file(files):
     model = build(FAMILIES[0], SHAPE)
     pruner = Pruner(model, ratio=0.3, estimators=["taylor"], fusion="fixed", allocation="global",
-                    units=["heads", "channels", "blocks"], progress=False)
+                    units=["kv_groups", "channels", "blocks"], progress=False)
     plan = pruner.plan(random_batches(97))
     plan.layers[2] = type(plan.layers[2])(2, remove_mlp=True)
     path = files / "plan.json"

@@ -14,8 +14,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from adaprune import data
-from adaprune.evaluate import (load_mc_task, multiple_choice, perplexity, prefill_tokens_per_second,
+from adaprune.tools import data
+from adaprune.tools.evaluate import (load_mc_task, multiple_choice, perplexity, prefill_tokens_per_second,
                                tokens_per_second)
 
 VOCAB = 100

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adaprune import ConfigurationError, Graph, Plan, PlanError, Pruner
-from adaprune.calibration import ActivationStats
-from adaprune.estimators import create_estimator, list_estimators
+from adaprune import ConfigurationError, Plan, PlanError, Pruner, unit_table
+from adaprune.scoring.calibration import ActivationStats
+from adaprune.plugins import create_estimator, list_estimators
 from adaprune.estimators.taylor import REDUCTIONS
 from conftest import random_batches
 from families import FAMILIES, Shape, build
@@ -220,4 +220,4 @@ def test_a_compensated_plan_on_a_model_without_bias_is_refused_unchanged():
         with pytest.raises(PlanError, match="has none"):
             Pruner(plain, progress=False).apply(plan, mode=mode)
         assert_unchanged(plain, before)
-    assert [s.to_dict() for s in Graph(plain).shapes] == [s.to_dict() for s in plan.shapes]
+    assert [s.to_dict() for s in unit_table(plain).shapes] == [s.to_dict() for s in plan.shapes]

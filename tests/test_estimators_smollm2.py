@@ -45,7 +45,7 @@ def random_estimator(seed: int):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from adaprune.data import load_smollm2, test_token_stream, token_batches, wiki_texts
+    from adaprune.tools.data import load_smollm2, test_token_stream, token_batches, wiki_texts
 
     model, tokenizer = load_smollm2()
     calibration = token_batches(tokenizer, wiki_texts("calibration"), seq_len=SEQ_LEN, num_samples=8, batch_size=4)
@@ -56,7 +56,7 @@ def smollm2():
 
 def pruned_perplexity(model, stream, estimator, cache=None) -> float:
     """Perplexity with the estimator's plan applied as a mask; the model is restored afterwards."""
-    from adaprune.evaluate import perplexity
+    from adaprune.tools.evaluate import perplexity
 
     pruner = Pruner(model, ratio=RATIO, estimators=[estimator], fusion="fixed", units=["channels"], mode="mask",
                     progress=False)

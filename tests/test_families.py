@@ -19,8 +19,7 @@ from transformers import (
 )
 from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
 
-from adaprune import Graph, Plan, Pruner, UnsupportedArchitectureError
-from adaprune.specs import detect_spec
+from adaprune import Plan, Pruner, UnsupportedArchitectureError, detect_spec, unit_table
 from families import FAMILIES, Shape, build
 
 IDS = torch.tensor([[5, 17, 3, 42, 8, 1, 64, 23, 11]])
@@ -174,7 +173,7 @@ def test_bloom_channel_pruning_alone_still_needs_the_generated_file(tmp_path):
 
 def test_phi3_fused_layouts_map_rows_to_their_owners():
     model = build(family("phi3"), Shape(layers=1, kv_heads=2, heads_per_group=2, head_dim=4, width=6))
-    layer = Graph(model).layers[0]
+    layer = unit_table(model).layers[0]
     owners = {(m.param_name.split(".")[-2], level): m.owner.tolist()
               for level in ("kv_group", "head", "channel") for m in layer.members[level]}
     q_groups, kv_groups = [h // 2 for h in range(4) for _ in range(4)], [g for g in range(2) for _ in range(4)]

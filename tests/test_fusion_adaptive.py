@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adaprune import ConfigurationError, Pruner
-from adaprune.fusion import create_policy
+from adaprune.plugins import create_policy
 from conftest import random_batches
 
 FAST = {"steps": 6, "eval_every": 3, "batch_size": 8}

@@ -8,29 +8,47 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from adaprune import ConfigurationError, Graph, LayerPlan, Plan, PlanError, Pruner
-from adaprune import allocation as alloc
-from adaprune.apply import count_removed
-from adaprune.global_allocation import block_scores, global_allocation
+from adaprune import ConfigurationError, LayerPlan, Plan, PlanError, Pruner, UnitTable, unit_table
+from adaprune.allocation.base import AllocationScores, check_units
+from adaprune.allocation.budget import Budget, eligible_layers
+from adaprune.allocation.ranked import GlobalAllocator
+from adaprune.plugins import allocator_classes, create_allocator
+from adaprune.scoring.candidates import CandidateKey, block_importance
 from adaprune.specs.llama import LlamaSpec
+from adaprune.vocabulary import BlockKind, Level, parse_units
 from conftest import random_batches
 from families import FAMILIES, Shape, build
 
 SHAPE = Shape(layers=4, kv_heads=4, heads_per_group=2, head_dim=8, width=40)
 
 
-def synthetic_scores(graph: Graph, seed: int = 0) -> dict[str, list[torch.Tensor]]:
+def global_allocation(graph: UnitTable, scores: dict, budget: Budget) -> list[LayerPlan]:
+    """The global allocator on scores given as {level: [...], "attention_block": [tensor([r]), ...], ...}."""
+    blocks = {kind: [float(t[0]) if t.numel() else None for t in scores[f"{kind}_block"]]
+              for kind in BlockKind if f"{kind}_block" in scores}
+    units = {Level(level): per_layer for level, per_layer in scores.items() if not level.endswith("_block")}
+    return GlobalAllocator().allocate(graph, AllocationScores(units, blocks), budget)
+
+
+def block_scores(candidates: dict) -> dict:
+    """Block importance from candidates given as {"estimator/granularity": {level: [...]}}, keyed "<kind>_block"."""
+    keyed = {CandidateKey(*name.split("/")): {Level(level): t for level, t in by_level.items()}
+             for name, by_level in candidates.items()}
+    return {f"{kind}_block": values for kind, values in block_importance(keyed).items()}
+
+
+def synthetic_scores(graph: UnitTable, seed: int = 0) -> dict[str, list[torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
     return {level: [torch.rand(layer.num_units[level], generator=generator, dtype=torch.float64) + 0.1
                     for layer in graph]
             for level in ("kv_group", "head", "channel")}
 
 
-def budget(graph: Graph, ratio: float, units=("heads", "channels"), layers=None, multiple: int = 8) -> alloc.Budget:
-    return alloc.Budget(ratio, alloc.normalise_units(units), alloc.eligible_layers(len(graph), layers), multiple)
+def budget(graph: UnitTable, ratio: float, units=("kv_groups", "channels"), layers=None, multiple: int = 8) -> Budget:
+    return Budget(ratio, parse_units(units), eligible_layers(len(graph), layers), multiple)
 
 
-def removed_fraction(plans: list[LayerPlan], graph: Graph) -> float:
+def removed_fraction(plans: list[LayerPlan], graph: UnitTable) -> float:
     prunable = sum(int(layer.unit_param_counts("kv_group").sum() + layer.unit_param_counts("channel").sum())
                    for layer in graph)
     removed = 0
@@ -44,14 +62,14 @@ def removed_fraction(plans: list[LayerPlan], graph: Graph) -> float:
 
 @pytest.fixture(scope="module")
 def graph():
-    return Graph(build(FAMILIES[0], SHAPE))
+    return unit_table(build(FAMILIES[0], SHAPE))
 
 
 def test_global_is_registered():
-    assert alloc.STRATEGIES["global"] is global_allocation
+    assert allocator_classes()["global"] is GlobalAllocator
 
 
-@pytest.mark.parametrize("units", [("heads", "channels"), ("query_heads", "channels"), ("channels",)])
+@pytest.mark.parametrize("units", [("kv_groups", "channels"), ("query_heads", "channels"), ("channels",)])
 @pytest.mark.parametrize("ratio", [0.1, 0.2, 0.3])
 def test_budget_met_and_structure_rules_hold(graph, units, ratio):
     plans = global_allocation(graph, synthetic_scores(graph), budget(graph, ratio, units))
@@ -68,7 +86,7 @@ def test_budget_met_and_structure_rules_hold(graph, units, ratio):
 
 
 def test_rounding_keeps_multiples_of_odd_widths():
-    graph = Graph(build(FAMILIES[0], Shape(layers=3, kv_heads=2, heads_per_group=1, head_dim=8, width=44)))
+    graph = unit_table(build(FAMILIES[0], Shape(layers=3, kv_heads=2, heads_per_group=1, head_dim=8, width=44)))
     plans = global_allocation(graph, synthetic_scores(graph), budget(graph, 0.3, ("channels",), multiple=16))
     widths = [plan.pruned_shape(layer.shape).mlp_width for plan, layer in zip(plans, graph)]
     assert all(width in (16, 32, 44) for width in widths) and min(widths) < 44
@@ -116,7 +134,7 @@ def test_cheap_block_goes_whole_and_the_floor_does_not_apply_to_it(graph):
     scores = synthetic_scores(graph)
     scores["attention_block"] = [torch.tensor([r], dtype=torch.float64) for r in (1.5, 0.05, 1.2, 1.25)]
     scores["mlp_block"] = [torch.tensor([1.0], dtype=torch.float64) for _ in range(4)]
-    plans = global_allocation(graph, scores, budget(graph, 0.15, ("heads", "channels", "blocks")))
+    plans = global_allocation(graph, scores, budget(graph, 0.15, ("kv_groups", "channels", "blocks")))
     assert plans[1].remove_attention and plans[1].remove_kv_groups == []
     assert not any(p.remove_mlp for p in plans)
     assert abs(removed_fraction(plans, graph) - 0.15) < 0.07
@@ -132,19 +150,19 @@ def test_block_scores_compare_layers_from_raw_candidates():
 
 def test_block_units_need_global_allocation_and_a_family_that_supports_them(tiny_gqa):
     with pytest.raises(ConfigurationError, match="allocation='global'"):
-        Pruner(tiny_gqa, units=["heads", "blocks"], allocation="uniform")
+        Pruner(tiny_gqa, units=["kv_groups", "blocks"], allocation="uniform")
 
     class NoBlocks(LlamaSpec):
         mlp_block = None
 
     with pytest.raises(ConfigurationError, match="cannot run without its mlp block.*drop"):
-        alloc.check_units("global", ("mlp_blocks",), NoBlocks())
+        check_units(parse_units(("mlp_blocks",)), create_allocator("global"), NoBlocks())
 
 
 def prune_blocks(model, ids):
     """Plan with global allocation and whole blocks (layer 1 loses attention, layer 2 its MLP)."""
     pruner = Pruner(model, ratio=0.0, estimators=["magnitude"], fusion="fixed", allocation="global",
-                    units=["heads", "channels", "blocks"], progress=False)
+                    units=["kv_groups", "channels", "blocks"], progress=False)
     plan = pruner.plan()
     plan.layers[1].remove_attention = True
     plan.layers[2].remove_mlp = True
@@ -172,10 +190,10 @@ def test_model_without_blocks_runs_generates_and_reloads(tmp_path):
         torch.testing.assert_close(torch.cat([first.logits, rest.logits], 1), sliced, rtol=1e-4, atol=1e-4)
     layers = fresh.model.layers
     whole = sum(p.numel() for block in (layers[1].self_attn, layers[2].mlp) for p in block.parameters())
-    group = int(Graph(fresh).layers[0].unit_param_counts("kv_group")[1])
-    assert count_removed(plan, Graph(fresh)) == whole + group
+    group = int(unit_table(fresh).layers[0].unit_param_counts("kv_group")[1])
+    assert unit_table(fresh).count_removed(plan.layers) == whole + group
     assert sum(p.numel() for p in model.parameters()) == plan.params["total_before"] - whole - group
-    assert [s.removed_blocks() for s in Graph(model).shapes] == [(), ("attention",), ("mlp",)]
+    assert [s.removed_blocks() for s in unit_table(model).shapes] == [(), ("attention",), ("mlp",)]
 
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
@@ -192,9 +210,9 @@ def test_model_without_blocks_runs_generates_and_reloads(tmp_path):
 
 def test_global_plan_with_blocks_end_to_end(tiny_gqa):
     pruner = Pruner(tiny_gqa, ratio=0.3, estimators=["taylor"], fusion="fixed", allocation="global",
-                    units=["heads", "channels", "blocks"], progress=False)
+                    units=["kv_groups", "channels", "blocks"], progress=False)
     plan = pruner.plan(random_batches(97))
-    assert "attention_block" in plan.scores and "mlp_block" in plan.scores
+    assert "attention" in plan.block_scores and "mlp" in plan.block_scores  # plan version 3: a field of its own
     assert abs(plan.params["prunable_fraction_removed"] - 0.3) < 0.1
     before = sum(p.numel() for p in tiny_gqa.parameters())
     pruner.apply(plan)
@@ -206,13 +224,13 @@ def test_global_plan_with_blocks_end_to_end(tiny_gqa):
 def test_plan_versions_and_block_validation(tiny_gqa):
     pruner = Pruner(tiny_gqa, estimators=["magnitude"], fusion="fixed", progress=False)
     data = pruner.plan().to_dict()
-    assert data["version"] == 2
+    assert data["version"] == 3
     old = json.loads(json.dumps(data))
     old["version"] = 1
     for layer in old["layers"]:
         del layer["remove_attention"], layer["remove_mlp"]
     upgraded = Plan.from_dict(old)
-    assert upgraded.version == 2 and not any(layer.removed_blocks() for layer in upgraded.layers)
+    assert upgraded.version == 3 and not any(layer.removed_blocks() for layer in upgraded.layers)
 
     corrupt = json.loads(json.dumps(data))
     corrupt["layers"][0]["remove_mlp"] = "yes"

@@ -12,14 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from adaprune import EstimatorError, Pruner, list_estimators
-from adaprune.estimators import Estimator, hookimpl, plugin_manager
-from adaprune.graph import LEVELS
+from adaprune import ConfigurationError, EstimatorError, Pruner, list_estimators
+from adaprune import Estimator, hookimpl
+from adaprune.plugins import plugin_manager
+from adaprune.vocabulary import LEVELS
 from conftest import random_batches
 from families import FAMILIES, build
 from test_estimators import SHAPE, assert_unchanged, snapshot
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "adaprune-random-plugin"
+TEST_PLUGINS = Path(__file__).resolve().parent / "plugin_package"
 
 
 def pip_install(source: Path, target: Path) -> None:
@@ -30,11 +32,10 @@ def pip_install(source: Path, target: Path) -> None:
     subprocess.run(command, check=True, capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture
-def installed_plugin(tmp_path):
-    """The example plugin, installed into a temporary folder put on sys.path; all undone afterwards."""
+def install(package: Path, module: str, tmp_path: Path):
+    """`package` installed into a temporary folder put on sys.path; all undone afterwards."""
     source, target = tmp_path / "source", tmp_path / "site"
-    shutil.copytree(EXAMPLE, source)  # the build writes next to its sources: keep the checkout clean
+    shutil.copytree(package, source)  # the build writes next to its sources: keep the checkout clean
     pip_install(source, target)
     sys.path.insert(0, str(target))
     importlib.invalidate_caches()
@@ -43,9 +44,41 @@ def installed_plugin(tmp_path):
         yield
     finally:
         sys.path.remove(str(target))
-        sys.modules.pop("adaprune_random", None)
+        sys.modules.pop(module, None)
         importlib.invalidate_caches()
         plugin_manager.cache_clear()
+
+
+@pytest.fixture
+def installed_plugin(tmp_path):
+    """The example estimator plugin, installed through its entry point."""
+    yield from install(EXAMPLE, "adaprune_random", tmp_path)
+
+
+@pytest.fixture
+def installed_policy_and_allocation(tmp_path):
+    """A package registering a fusion policy and an allocation through their entry-point groups."""
+    yield from install(TEST_PLUGINS, "adaprune_test_plugins", tmp_path)
+
+
+def test_an_installed_fusion_policy_and_allocation_are_used(installed_policy_and_allocation):
+    assert plugin_manager().get_plugin("first-candidate") is not None
+    model = build(FAMILIES[0], SHAPE)
+    pruner = Pruner(model, ratio=0.25, estimators=["magnitude"], fusion="first-candidate",
+                    allocation="leading-channels", units=["channels"], progress=False)
+    plan = pruner.plan()
+    assert plan.fusion["policy"] == "first-candidate" and plan.settings["allocation"] == "leading-channels"
+    assert all(list(site["weights"]) == ["magnitude/coarse"] for site in plan.fusion["sites"])
+    assert all(layer.remove_channels == [0, 1, 2, 3] for layer in plan.layers)  # 25% of 16, from the front
+    pruner.apply(plan)
+    assert sum(p.numel() for p in model.parameters()) == plan.params["total_after"]
+
+
+def test_unknown_policy_and_allocation_name_the_entry_point_groups():
+    with pytest.raises(ConfigurationError, match="Available: adaptive, coarse, fine, fixed.*adaprune.fusion_policies"):
+        Pruner(build(FAMILIES[0], SHAPE), fusion="nope")
+    with pytest.raises(ConfigurationError, match="Available: global, uniform.*adaprune.allocations"):
+        Pruner(build(FAMILIES[0], SHAPE), allocation="nope")
 
 
 def test_an_installed_plugin_is_discovered_and_prunes(installed_plugin):

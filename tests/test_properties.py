@@ -10,10 +10,8 @@ from hypothesis import strategies as st
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from adaprune import Graph, LayerPlan, Plan, Pruner
-from adaprune.apply import count_removed
-from adaprune.graph import LEVELS
-from adaprune.specs import detect_spec
+from adaprune import LayerPlan, Plan, Pruner, detect_spec, unit_table
+from adaprune.vocabulary import LEVELS
 from families import Shape, build
 
 SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
@@ -57,8 +55,7 @@ def random_plan(draw, model: nn.Module) -> Plan:
             layer.remove_kv_groups, layer.remove_heads = [], []
         if layer.remove_mlp:
             layer.remove_channels = []
-    graph = Graph(model)
-    removed = count_removed(plan, graph)
+    removed = unit_table(model).count_removed(plan.layers)
     plan.params["total_after"] = plan.params["total_before"] - removed
     return plan
 
@@ -72,7 +69,7 @@ def test_every_row_and_column_has_exactly_one_owner_per_level(family):
     @given(shape=shapes(family.grouped_query))
     def check(shape):
         model = build(family, shape)
-        graph = Graph(model)
+        graph = unit_table(model)
         for layer in graph:
             layer_module = model.get_submodule(layer.path)
             linears = {f"{layer.path}.{name}" for name, m in layer_module.named_modules() if isinstance(m, nn.Linear)}
@@ -119,7 +116,7 @@ def test_sliced_model_runs_with_predicted_size_and_matches_masked(family):
             sliced = model(input_ids=ids).logits
         assert n_params(model) == plan.params["total_after"]
         torch.testing.assert_close(sliced, masked, rtol=0, atol=1e-5)
-        assert [s.to_dict() for s in Graph(model).shapes] == [s.to_dict() for s in plan.pruned_shapes()]
+        assert [s.to_dict() for s in unit_table(model).shapes] == [s.to_dict() for s in plan.pruned_shapes()]
 
     check()
 

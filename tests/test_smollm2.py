@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from adaprune import Estimator, Pruner
-from adaprune.graph import LEVELS
+from adaprune.vocabulary import LEVELS
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ class RandomScores(Estimator):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from adaprune.data import load_smollm2, test_token_stream, token_batches, wiki_texts
+    from adaprune.tools.data import load_smollm2, test_token_stream, token_batches, wiki_texts
 
     model, tokenizer = load_smollm2()
     calibration = token_batches(tokenizer, wiki_texts("calibration"), seq_len=SEQ_LEN, num_samples=16, batch_size=4)
@@ -40,7 +40,7 @@ def smollm2():
 def pruned_perplexity(model, stream, estimator, calibration):
     import copy
 
-    from adaprune.evaluate import perplexity
+    from adaprune.tools.evaluate import perplexity
 
     pruned = copy.deepcopy(model)
     # Fixed fusion: this test is about the pipeline and the estimator; the adaptive policy has its own.
@@ -52,7 +52,7 @@ def pruned_perplexity(model, stream, estimator, calibration):
 
 
 def test_taylor_beats_random_choice_at_20_percent(smollm2):
-    from adaprune.evaluate import perplexity
+    from adaprune.tools.evaluate import perplexity
 
     model, _, calibration, stream = smollm2
     dense = perplexity(model, stream, seq_len=SEQ_LEN, max_windows=EVAL_WINDOWS)["perplexity"]

@@ -16,10 +16,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..calibration import ActivationStats, CalibrationStats
-from ..graph import LEVELS, Graph, Member
+from ..scoring.calibration import ActivationStats, CalibrationStats
+from ..units.table import Member, UnitTable
+from ..vocabulary import LEVELS
 from .base import Estimator, Scores
-from .hookspec import hookimpl
+from ..hookspecs import hookimpl
 
 
 def input_norms(stats: ActivationStats) -> torch.Tensor:
@@ -31,7 +32,7 @@ class ActivationEstimator(Estimator):
     name = "activation"
     needs = frozenset({"weights", "activations"})
 
-    def score(self, model: nn.Module, graph: Graph, stats: CalibrationStats) -> Scores:
+    def score(self, model: nn.Module, units: UnitTable, stats: CalibrationStats) -> Scores:
         params = dict(model.named_parameters())
 
         def per_position(member: Member) -> torch.Tensor:
@@ -42,7 +43,7 @@ class ActivationEstimator(Estimator):
             norms = input_norms(inputs)
             return value @ norms if member.dim == 0 else value.sum(0) * norms
 
-        return {"fine": {level: graph.reduce(level, per_position) for level in LEVELS}}
+        return {"fine": {level: units.reduce(level, per_position) for level in LEVELS}}
 
 
 @hookimpl

@@ -7,8 +7,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..calibration import CalibrationStats, GradientTerm
-from ..graph import Graph
+from ..scoring.calibration import CalibrationStats, GradientTerm
+from ..units.table import UnitTable
+from ..vocabulary import Level
 
 #: What an estimator may ask the calibration pass for:
 #: ``weights`` (nothing to gather), ``activations`` (per-channel input statistics of every
@@ -19,11 +20,11 @@ NEEDS = frozenset({"weights", "activations", "gradients", "per_sample_gradients"
 GRANULARITIES = ("coarse", "fine")
 
 #: granularity -> level -> one tensor of unit scores per layer (higher = more important)
-Scores = dict[str, dict[str, list[torch.Tensor]]]
+Scores = dict[str, dict[Level, list[torch.Tensor]]]
 
 
 class Estimator:
-    """Scores every unit of a graph; higher means more important.
+    """Scores every unit of a model's unit table; higher means more important.
 
     An estimator sees units and statistics, never edits modules. Subclasses set ``name`` and
     ``needs``, accept their options as keyword arguments, and implement ``score``.
@@ -48,5 +49,5 @@ class Estimator:
         """Elementwise (weight, gradient) terms to fold during calibration. Names must be unique."""
         return []
 
-    def score(self, model: nn.Module, graph: Graph, stats: CalibrationStats) -> Scores:
+    def score(self, model: nn.Module, units: UnitTable, stats: CalibrationStats) -> Scores:
         raise NotImplementedError

@@ -19,10 +19,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..calibration import CalibrationStats
-from ..graph import LEVELS, Graph, Member
+from ..scoring.calibration import CalibrationStats
+from ..units.table import Member, UnitTable
+from ..vocabulary import LEVELS
 from .base import Estimator, Scores
-from .hookspec import hookimpl
+from ..hookspecs import hookimpl
 
 
 class FluctuationEstimator(Estimator):
@@ -42,7 +43,7 @@ class FluctuationEstimator(Estimator):
     def options(self) -> dict:
         return {"compensate": self.compensate}
 
-    def score(self, model: nn.Module, graph: Graph, stats: CalibrationStats) -> Scores:
+    def score(self, model: nn.Module, units: UnitTable, stats: CalibrationStats) -> Scores:
         params = dict(model.named_parameters())
 
         def per_position(member: Member) -> torch.Tensor:
@@ -51,7 +52,7 @@ class FluctuationEstimator(Estimator):
                 return torch.zeros(member.owner.numel(), dtype=torch.float64)
             return stats.activations[member.module_path].variance * (weight**2).sum(0)
 
-        return {"coarse": {level: graph.reduce(level, per_position) for level in LEVELS}}
+        return {"coarse": {level: units.reduce(level, per_position) for level in LEVELS}}
 
 
 @hookimpl

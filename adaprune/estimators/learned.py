@@ -30,22 +30,22 @@ pass without gradients (the dense reference) and one with a backward pass throug
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..calibration import CalibrationStats, frozen
-from ..graph import LEVELS, Graph
+from ..scoring.calibration import CalibrationStats
+from ..units.gating import per_column, scaled_inputs
+from ..units.model_state import frozen
+from ..units.objectives import kl_to_teacher, next_token_log_probs
+from ..units.table import UnitTable
+from ..vocabulary import LEVELS, Level
 from .base import Estimator, Scores
-from .hookspec import hookimpl
+from ..hookspecs import hookimpl
 
 #: gates[level][layer index] -> float64 tensor of one gate per unit
-Gates = dict[str, list[torch.Tensor]]
+Gates = dict[Level, list[torch.Tensor]]
 #: module path -> (level, layer index, owner of each input column)
-Columns = dict[str, list[tuple[str, int, torch.Tensor]]]
+Columns = dict[str, list[tuple[Level, int, torch.Tensor]]]
 
 
 class LearnedGateEstimator(Estimator):
@@ -67,28 +67,28 @@ class LearnedGateEstimator(Estimator):
         return {"steps": self.steps, "lr": self.lr, "sparsity": self.sparsity, "batch_size": self.batch_size,
                 "seed": self.seed}
 
-    def score(self, model: nn.Module, graph: Graph, stats: CalibrationStats) -> Scores:
+    def score(self, model: nn.Module, units: UnitTable, stats: CalibrationStats) -> Scores:
         if not stats.batches:
             raise ValueError("the learned estimator needs the calibration batches (need 'calibration_data')")
         gates: Gates = {level: [torch.full((layer.num_units[level],), 1.0 - self.lr, dtype=torch.float64,
-                                           requires_grad=True) for layer in graph] for level in LEVELS}
+                                           requires_grad=True) for layer in units] for level in LEVELS}
         optimizer = torch.optim.Adam([gate for per_layer in gates.values() for gate in per_layer], lr=self.lr)
-        columns = gated_columns(graph)
+        columns = gated_columns(units)
         chunks = [chunk for batch in stats.batches for chunk in batch.split(self.batch_size)]
         order = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(self.seed)).tolist()
         device = next(model.parameters()).device
-        with frozen(model), gate_hooks(model, columns, gates) as gating:
+        gating = {"on": False}
+        factors = {path: (lambda _entries=entries: column_factor(_entries, gates) if gating["on"] else None)
+                   for path, entries in columns.items()}
+        with frozen(model), scaled_inputs(model, factors):
             for step in range(self.steps):
                 ids = chunks[order[step % len(order)]].to(device)
                 gating["on"] = False
-                with torch.no_grad():
-                    dense = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+                dense = next_token_log_probs(model, ids)
                 gating["on"] = True
-                gated = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
-                kl = F.kl_div(gated.flatten(0, -2), dense.flatten(0, -2), log_target=True, reduction="batchmean")
-                kl.backward()
+                kl_to_teacher(dense, model(input_ids=ids, use_cache=False).logits).backward()
                 self._step(gates, optimizer)
-        return {"coarse": unit_scores(graph, columns, gates)}
+        return {"coarse": unit_scores(units, columns, gates)}
 
     def _step(self, gates: Gates, optimizer: torch.optim.Optimizer) -> None:
         """One Adam step on KL (normalised per level) + sparsity * sum(gates), then back into [0, 1]."""
@@ -106,51 +106,28 @@ class LearnedGateEstimator(Estimator):
                     gate.clamp_(0.0, 1.0)
 
 
-def gated_columns(graph: Graph) -> Columns:
+def gated_columns(units: UnitTable) -> Columns:
     """The input columns each unit owns in the "in" projections, grouped by module."""
     columns: Columns = {}
-    for layer in graph:
+    for layer in units:
         for level in LEVELS:
-            for member in layer.members[level]:
-                if member.dim == 1:  # weight columns; biases belong to rows
-                    columns.setdefault(member.module_path, []).append((level, layer.index, member.owner))
+            for member in layer.input_members(level):  # weight columns; biases belong to rows
+                columns.setdefault(member.module_path, []).append((level, layer.index, member.owner))
     return columns
 
 
-def column_factor(entries: list[tuple[str, int, torch.Tensor]], gates: Gates) -> torch.Tensor:
+def column_factor(entries: list[tuple[Level, int, torch.Tensor]], gates: Gates) -> torch.Tensor:
     """Each input column's factor: the product of the gates of the units owning it."""
     factor = None
     for level, layer_index, owner in entries:
-        padded = torch.cat([gates[level][layer_index], gates[level][layer_index].new_ones(1)])
-        values = padded[owner]  # owner -1 reads the padding 1: a column no unit of this level owns
+        values = per_column(gates[level][layer_index], owner)
         factor = values if factor is None else factor * values
     return factor
 
 
-@contextmanager
-def gate_hooks(model: nn.Module, columns: Columns, gates: Gates) -> Iterator[dict[str, bool]]:
-    """Multiply the gated modules' inputs by the column factors while `state["on"]`; remove after."""
-    state = {"on": True}
-    handles = []
-    for path, entries in columns.items():
-
-        def scale(_module, args, _entries=entries):
-            if not state["on"] or not args:
-                return None
-            x = args[0]
-            return (x * column_factor(_entries, gates).to(device=x.device, dtype=x.dtype),) + tuple(args[1:])
-
-        handles.append(model.get_submodule(path).register_forward_pre_hook(scale))
-    try:
-        yield state
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def unit_scores(graph: Graph, columns: Columns, gates: Gates) -> dict[str, list[torch.Tensor]]:
+def unit_scores(units: UnitTable, columns: Columns, gates: Gates) -> dict[Level, list[torch.Tensor]]:
     """A unit's mean effective gate over its columns (units without columns score 0)."""
-    totals = {level: [torch.zeros(layer.num_units[level], dtype=torch.float64) for layer in graph] for level in LEVELS}
+    totals = {level: [torch.zeros(layer.num_units[level], dtype=torch.float64) for layer in units] for level in LEVELS}
     counts = {level: [torch.zeros_like(t) for t in per_layer] for level, per_layer in totals.items()}
     for entries in columns.values():
         factor = column_factor(entries, gates).detach()

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..calibration import CalibrationStats
-from ..graph import LEVELS, Graph
+from ..scoring.calibration import CalibrationStats
+from ..units.table import UnitTable
+from ..vocabulary import LEVELS
 from .base import Estimator, Scores
-from .hookspec import hookimpl
+from ..hookspecs import hookimpl
 
 
 class MagnitudeEstimator(Estimator):
@@ -29,7 +30,7 @@ class MagnitudeEstimator(Estimator):
     def options(self) -> dict:
         return {"norm": self.norm}
 
-    def score(self, model: nn.Module, graph: Graph, stats: CalibrationStats) -> Scores:
+    def score(self, model: nn.Module, units: UnitTable, stats: CalibrationStats) -> Scores:
         params = dict(model.named_parameters())
         power = 1 if self.norm == "l1" else 2
 
@@ -37,7 +38,7 @@ class MagnitudeEstimator(Estimator):
             values = params[member.param_name].detach().abs() ** power
             return values.sum(dim=1 - member.dim) if values.dim() == 2 else values
 
-        scores = {level: graph.reduce(level, per_position) for level in LEVELS}
+        scores = {level: units.reduce(level, per_position) for level in LEVELS}
         if power == 2:
             scores = {level: [torch.sqrt(s) for s in per_layer] for level, per_layer in scores.items()}
         return {"coarse": scores, "fine": scores}

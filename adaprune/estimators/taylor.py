@@ -29,10 +29,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..calibration import CalibrationStats, GradientTerm
-from ..graph import LEVELS, Graph, LayerGraph
+from ..scoring.calibration import CalibrationStats, GradientTerm
+from ..units.table import LayerUnits, UnitTable
+from ..vocabulary import LEVELS, Level
 from .base import Estimator, Scores
-from .hookspec import hookimpl
+from ..hookspecs import hookimpl
 
 REDUCTIONS = ("whole", "sum", "mean", "max", "prod")
 
@@ -76,7 +77,7 @@ class TaylorEstimator(Estimator):
                   else GradientTerm("taylor.wg_rows", _wg, per_position=True))
         return [coarse, fine]
 
-    def score(self, model: nn.Module, graph: Graph, stats: CalibrationStats) -> Scores:
+    def score(self, model: nn.Module, units: UnitTable, stats: CalibrationStats) -> Scores:
         terms = stats.gradient_terms
         fine_name = "taylor.abs_wg" if self.order == 1 else "taylor.abs_wg_fisher"
         if self.reduction == "whole":
@@ -84,11 +85,11 @@ class TaylorEstimator(Estimator):
         else:
             rows = stats.position_terms["taylor.wg_rows"]
             coarse = {level: [reduce_partials(*projection_partials(layer, level, rows), self.reduction)
-                              for layer in graph] for level in LEVELS}
+                              for layer in units] for level in LEVELS}
         return {"coarse": coarse, "fine": terms[fine_name]}
 
 
-def projection_partials(layer: LayerGraph, level: str,
+def projection_partials(layer: LayerUnits, level: str,
                         rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per projection and unit, the sum of |row total| over the unit's rows in that projection.
 

@@ -1,10 +1,12 @@
-"""Architecture specs: the only place that knows a model family's module names."""
+"""Architecture specs: the only place that knows a model family's module names.
+
+The built-in families are a plugin (`adaprune_specs` below); a package adds one through the
+``adaprune.specs`` entry-point group, a script with `register_spec`.
+"""
 
 from __future__ import annotations
 
-from torch import nn
-
-from ..errors import UnsupportedArchitectureError
+from ..hookspecs import hookimpl
 from .baichuan import BaichuanSpec
 from .base import ArchSpec, AttentionShape, LayerShape, Projection
 from .bloom import BloomSpec
@@ -14,32 +16,23 @@ from .opt import OPTSpec
 from .phi3 import Phi3Spec
 from .qwen2 import Qwen2Spec
 
-_SPECS: list[type[ArchSpec]] = [LlamaSpec, MistralSpec, Qwen2Spec, Phi3Spec, OPTSpec, BloomSpec, BaichuanSpec]
+BUILTIN_SPECS: list[type[ArchSpec]] = [LlamaSpec, MistralSpec, Qwen2Spec, Phi3Spec, OPTSpec, BloomSpec, BaichuanSpec]
+_REGISTERED: list[type[ArchSpec]] = []
 
 
 def register_spec(spec: type[ArchSpec]) -> type[ArchSpec]:
-    """Register a spec class (usable as a decorator). Later registrations are tried first."""
-    _SPECS.insert(0, spec)
+    """Register a spec class from a script (usable as a decorator); it is tried before the built-ins.
+
+    A package registers its families through the ``adaprune.specs`` entry-point group instead.
+    """
+    _REGISTERED.insert(0, spec)
     return spec
 
 
-def registered_specs() -> list[type[ArchSpec]]:
-    return list(_SPECS)
+@hookimpl
+def adaprune_specs() -> list[type[ArchSpec]]:
+    # Specs registered from a script come first, then the built-ins in their order.
+    return [*_REGISTERED, *BUILTIN_SPECS]
 
 
-def detect_spec(model: nn.Module) -> ArchSpec:
-    """The spec that describes `model`, found from its config and module structure."""
-    for spec in _SPECS:
-        if spec.matches(model):
-            return spec()
-    config = getattr(model, "config", None)
-    raise UnsupportedArchitectureError(
-        f"adaprune has no architecture spec for {type(model).__name__} "
-        f"(model_type={getattr(config, 'model_type', None)!r}). Supported families: "
-        f"{', '.join(s.name for s in _SPECS)}. To add one, write a small ArchSpec subclass and "
-        "register it with adaprune.specs.register_spec: see docs/adding-a-family.md."
-    )
-
-
-__all__ = ["ArchSpec", "AttentionShape", "LayerShape", "Projection", "detect_spec", "register_spec",
-           "registered_specs"]
+__all__ = ["ArchSpec", "AttentionShape", "LayerShape", "Projection", "register_spec"]

@@ -15,10 +15,12 @@ from typing import Any, ClassVar, Literal
 
 from torch import nn
 
+from ..vocabulary import BlockKind, Level
+
 Axis = Literal["out", "in"]
-# Owner of one block of a projection: ("q", h) for query head h, ("kv", g) for KV group g,
-# ("ch", c) for MLP channel c.
-Owner = tuple[str, int]
+# Owner of one block of a projection: (Level.HEAD, h) for query head h, (Level.KV_GROUP, g) for
+# KV group g, (Level.CHANNEL, c) for MLP channel c.
+Owner = tuple[Level, int]
 
 
 @dataclass(frozen=True)
@@ -33,9 +35,6 @@ class Projection:
     axis: Axis
     owners: tuple[Owner, ...]
     block: int = 1
-
-
-BLOCK_KINDS = ("attention", "mlp")
 
 
 @dataclass(frozen=True)
@@ -79,10 +78,10 @@ class LayerShape:
     attention: AttentionShape
     mlp_width: int
 
-    def removed_blocks(self) -> tuple[str, ...]:
-        """The blocks (of BLOCK_KINDS) this layer no longer has: 0 heads means no attention, 0 channels no MLP."""
-        return tuple(kind for kind, size in (("attention", self.attention.num_heads), ("mlp", self.mlp_width))
-                     if size == 0)
+    def removed_blocks(self) -> tuple[BlockKind, ...]:
+        """The blocks this layer no longer has: 0 heads means no attention, 0 channels no MLP."""
+        return tuple(kind for kind, size in ((BlockKind.ATTENTION, self.attention.num_heads),
+                                             (BlockKind.MLP, self.mlp_width)) if size == 0)
 
     def to_dict(self) -> dict[str, int]:
         return {
@@ -94,15 +93,15 @@ class LayerShape:
 
 
 def query_owners(shape: AttentionShape) -> tuple[Owner, ...]:
-    return tuple(("q", h) for h in range(shape.num_heads))
+    return tuple((Level.HEAD, h) for h in range(shape.num_heads))
 
 
 def kv_owners(shape: AttentionShape) -> tuple[Owner, ...]:
-    return tuple(("kv", g) for g in range(shape.num_kv_heads))
+    return tuple((Level.KV_GROUP, g) for g in range(shape.num_kv_heads))
 
 
 def channel_owners(width: int) -> tuple[Owner, ...]:
-    return tuple(("ch", c) for c in range(width))
+    return tuple((Level.CHANNEL, c) for c in range(width))
 
 
 def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -127,8 +126,9 @@ def resize_linears(layer: nn.Module, sizes: Mapping[str, tuple[int, int]]) -> No
 class ArchSpec(ABC):
     """Abstract description of one decoder-only model family.
 
-    Subclasses are small: a few class attributes and the methods below. Register a new one
-    with `adaprune.specs.register_spec`; see docs/adding-a-family.md.
+    Subclasses are small: a few class attributes and the methods below. A package registers a
+    new one through the ``adaprune.specs`` entry-point group (see `adaprune.hookspecs`), or a
+    script with `adaprune.specs.register_spec`; see docs/adding-a-family.md.
     """
 
     #: Short family name used in plans and reports.
@@ -158,12 +158,12 @@ class ArchSpec(ABC):
     attention_block: ClassVar[Block | None] = None
     mlp_block: ClassVar[Block | None] = None
 
-    def removable_blocks(self) -> dict[str, Block]:
-        """The blocks this family can remove whole, by kind ("attention", "mlp")."""
-        blocks = {kind: getattr(self, f"{kind}_block") for kind in BLOCK_KINDS}
+    def removable_blocks(self) -> dict[BlockKind, Block]:
+        """The blocks this family can remove whole, by kind."""
+        blocks = {BlockKind.ATTENTION: self.attention_block, BlockKind.MLP: self.mlp_block}
         return {kind: block for kind, block in blocks.items() if block is not None}
 
-    def is_removed(self, layer: nn.Module, kind: str) -> bool:
+    def is_removed(self, layer: nn.Module, kind: BlockKind) -> bool:
         """Whether the `kind` block of `layer` was removed (replaced by a stand-in that outputs zeros).
 
         `layer_shape` reports a removed attention block as 0 heads, a removed MLP as 0 channels.

@@ -18,6 +18,8 @@ from typing import Any
 
 from torch import nn
 
+from ..vocabulary import Level
+
 from .base import (
     AttentionShape,
     DerivedHeadDimSpec,
@@ -78,7 +80,7 @@ class BloomSpec(DerivedHeadDimSpec):
     def attention_projections(self, shape: AttentionShape) -> list[Projection]:
         # Per head: its q block, then its k and v blocks (which belong to its KV group, the head itself).
         heads, d = range(shape.num_heads), shape.head_dim
-        interleaved = tuple(owner for h in heads for owner in (("q", h), ("kv", h), ("kv", h)))
+        interleaved = tuple(owner for h in heads for owner in ((Level.HEAD, h), (Level.KV_GROUP, h), (Level.KV_GROUP, h)))
         return [
             Projection("self_attention.query_key_value", "out", interleaved, d),
             Projection("self_attention.dense", "in", query_owners(shape), d),

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from ..vocabulary import BlockKind
+
 from .base import (
     ArchSpec,
     AttentionShape,
@@ -37,7 +39,7 @@ class LlamaSpec(ArchSpec):
 
     def layer_shape(self, model: nn.Module, layer: nn.Module) -> LayerShape:
         attention = AttentionShape(0, 0, 0)  # a removed block: see ArchSpec.is_removed
-        if not self.is_removed(layer, "attention"):
+        if not self.is_removed(layer, BlockKind.ATTENTION):
             attn = layer.self_attn
             head_dim = attn.head_dim
             attention = AttentionShape(
@@ -45,7 +47,7 @@ class LlamaSpec(ArchSpec):
                 num_kv_heads=attn.k_proj.out_features // head_dim,
                 head_dim=head_dim,
             )
-        mlp_width = 0 if self.is_removed(layer, "mlp") else layer.mlp.gate_proj.out_features
+        mlp_width = 0 if self.is_removed(layer, BlockKind.MLP) else layer.mlp.gate_proj.out_features
         return LayerShape(attention=attention, mlp_width=mlp_width)
 
     def attention_projections(self, shape: AttentionShape) -> list[Projection]:

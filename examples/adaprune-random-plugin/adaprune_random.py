@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from adaprune.estimators import Estimator, hookimpl
-from adaprune.graph import LEVELS
+from adaprune import Estimator, hookimpl
+from adaprune.vocabulary import LEVELS
 
 
 class RandomEstimator(Estimator):

@@ -14,7 +14,7 @@ import torch
 
 from .data import load_smollm2, test_token_stream, token_batches, wiki_texts
 from .evaluate import perplexity, prefill_tokens_per_second, tokens_per_second
-from .pruner import Pruner
+from ..pipeline import Pruner
 
 CALIBRATION_SAMPLES = 32
 SEQ_LEN = 128
@@ -105,7 +105,7 @@ def run_demo(out: str = "out/smollm2-pruned", ratio: float = 0.2) -> int:
     print()
     print(f"removed {1 - after['params'] / before['params']:.1%} of all parameters "
           f"({plan.params['removed'] / plan.params['prunable_before']:.1%} of the prunable ones); "
-          f"stages (s): {json.dumps(pruner.report['stages'])}")
+          f"stages (s): {json.dumps(pruner.timings)}")
     print(f"kept per layer (heads/kv groups/channels): "
           + " ".join(f"{s['heads']}/{s['kv_groups']}/{s['channels']}" for s in plan.summary()["layers"]))
     print(f"saved to {folder}; reloaded without adaprune as {checked.stdout.strip()}; "

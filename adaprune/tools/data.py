@@ -25,6 +25,8 @@ from collections.abc import Iterable, Iterator
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..io import cache_dir
+
 __all__ = [
     "load_smollm2",
     "smollm2_path",
@@ -48,12 +50,6 @@ DOCUMENT_SEPARATOR = "\n\n"
 
 # Files that must be present for a cached model folder to be trusted.
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
-
-
-def cache_dir() -> pathlib.Path:
-    """The cache directory: ``$ADAPRUNE_CACHE`` if set, else ``~/.cache/adaprune``."""
-    env = os.environ.get("ADAPRUNE_CACHE")
-    return pathlib.Path(env).expanduser() if env else pathlib.Path.home() / ".cache" / "adaprune"
 
 
 def _package_dir(module: str, pip_name: str) -> pathlib.Path:

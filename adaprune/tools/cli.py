@@ -1,4 +1,4 @@
-"""The command line: `adaprune prune`, `eval`, `report`, `demo` (and the subcommands registered below)."""
+"""The command line: `adaprune prune`, `eval`, `report`, `demo`. Its defaults are the API's (`adaprune.pipeline.DEFAULTS`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from typing import Any
 
 import torch
 
-from .errors import AdapruneError
+from ..errors import AdapruneError
+from ..io import write_text
+from ..pipeline import DEFAULTS
 
 
 def load_model(path: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
@@ -72,7 +74,7 @@ def _calibration_texts(path: str | None) -> list[str]:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from .data import token_batches
-    from .pruner import Pruner
+    from ..pipeline import Pruner
 
     start = time.perf_counter()
     model, tokenizer = load_model(args.model, args.trust_remote_code)
@@ -83,7 +85,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     estimators = [{"name": name, **json.loads(args.estimator_options or "{}").get(name, {})}
                   for name in args.estimators.split(",")]
     pruner = Pruner(model, ratio=args.ratio, estimators=estimators, fusion=args.fusion,
-                    allocation=args.allocation, units=args.units.split(","), mode="slice", layers=args.layers,
+                    fusion_options=json.loads(args.fusion_options or "{}"), allocation=args.allocation, units=args.units.split(","), mode="slice", layers=args.layers,
                     multiple=args.multiple)
     plan = pruner.plan(batches)
     pruner.apply(plan)
@@ -91,31 +93,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     plan.save(out / "adaprune_plan.json")
-    report = build_report(pruner, plan, params_before, load_seconds)
+    report = pruner.report(plan)
+    report["stage_seconds"] = {"load": round(load_seconds, 3), **report["stage_seconds"]}
     if args.report:
-        Path(args.report).write_text(json.dumps(report, indent=1))
+        write_text(args.report, json.dumps(report, indent=1))
     print(f"pruned {params_before:,} -> {report['params_after']:,} parameters "
           f"({report['fraction_removed']:.1%} removed; {report['prunable_fraction_removed']:.1%} of the prunable "
           f"ones for ratio {args.ratio:g}); saved to {out}")
     return 0
-
-
-def build_report(pruner, plan, params_before: int, load_seconds: float = 0.0) -> dict[str, Any]:
-    """The report of DESIGN.md: sizes, timings, memory, estimators, fusion weights, kept units."""
-    params_after = sum(p.numel() for p in pruner.model.parameters())
-    return {
-        "params_before": params_before,
-        "params_after": params_after,
-        "fraction_removed": 1 - params_after / params_before,
-        "prunable_fraction_removed": plan.params["removed"] / plan.params["prunable_before"],
-        "stage_seconds": {"load": round(load_seconds, 3), **pruner.report["stages"]},
-        "peak_memory_mb": pruner.report.get("peak_memory_mb"),
-        "calibration": pruner.report.get("calibration"),
-        "estimators": plan.settings["estimators"],
-        "fusion": plan.fusion,
-        "settings": plan.settings,
-        "kept": plan.summary()["layers"],
-    }
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -160,8 +145,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     f"length-normalised {result['accuracy_norm']:.1%} ± {result['accuracy_norm_stderr']:.1%} "
                     f"on {result['items']} items")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_text(args.json, json.dumps(result, indent=1))
         summary += f"; written to {args.json}"
     print(summary)
     return 0
@@ -169,7 +153,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Print a plan's per-layer table; with --plot, draw it."""
-    from .report import load_plan, plan_table, plot_plan
+    from .plan_view import load_plan, plan_table, plot_plan
 
     plan = load_plan(args.plan)
     print(plan_table(plan))
@@ -190,18 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     prune = sub.add_parser("prune", help="prune a checkpoint folder or GGUF file and save a smaller checkpoint")
     prune.add_argument("model", help="checkpoint folder or .gguf file")
-    prune.add_argument("--ratio", type=float, default=0.2, help="fraction of prunable parameters to remove")
-    prune.add_argument("--estimators", default="taylor", help="comma-separated estimator names")
+    prune.add_argument("--ratio", type=float, default=DEFAULTS.ratio, help="fraction of prunable parameters to remove")
+    prune.add_argument("--estimators", default=",".join(DEFAULTS.estimators), help="comma-separated estimator names")
     prune.add_argument("--estimator-options", default=None,
                        help='JSON options per estimator, e.g. \'{"taylor": {"order": 2}}\'')
-    prune.add_argument("--fusion", default="fixed", help="fusion policy")
-    prune.add_argument("--allocation", default="uniform",
+    prune.add_argument("--fusion", default=DEFAULTS.fusion, help="fusion policy (adaptive, coarse, fine, fixed, ...)")
+    prune.add_argument("--fusion-options", default=None, help='JSON options of the fusion policy, e.g. \'{"steps": 8}\'')
+    prune.add_argument("--allocation", default=DEFAULTS.allocation,
                        help="budget allocation across layers: uniform, or global (one ranking of all units)")
-    prune.add_argument("--units", default="heads,channels",
-                       help="kv_groups|heads, query_heads, channels, and with --allocation global blocks "
+    prune.add_argument("--units", default=",".join(DEFAULTS.units),
+                       help="kv_groups, query_heads, channels, and with --allocation global blocks "
                             "(or attention_blocks, mlp_blocks): whole blocks")
-    prune.add_argument("--layers", default=None, help='eligible layers as "start:stop" (default all)')
-    prune.add_argument("--multiple", type=int, default=8, help="round kept MLP widths to this multiple")
+    prune.add_argument("--layers", default=DEFAULTS.layers,
+                       help='eligible layers: "start:stop", or one index (default all)')
+    prune.add_argument("--multiple", type=int, default=DEFAULTS.multiple, help="round kept MLP widths to this multiple")
     prune.add_argument("--calib", default=None,
                        help="calibration text: JSON list of strings or text split on blank lines "
                             "(default: the Wikipedia calibration split)")
@@ -234,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=cmd_report)
 
     demo = sub.add_parser("demo", help="prune the embedded SmolLM2-135M and show what it gained and lost")
-    demo.add_argument("--ratio", type=float, default=0.2)
+    demo.add_argument("--ratio", type=float, default=DEFAULTS.ratio)
     demo.add_argument("--out", default="out/smollm2-pruned")
     demo.set_defaults(func=cmd_demo)
     return parser

@@ -14,16 +14,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import CalibrationError
-from .graph import LEVELS, Graph, Member
+from ..errors import CalibrationError
+from ..units.model_state import preserved
+from ..units.table import Member, UnitTable
+from ..vocabulary import LEVELS, Level
 
 GradientFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -78,7 +79,7 @@ class CalibrationStats:
 
     activations: dict[str, ActivationStats] = field(default_factory=dict)
     # term name -> level -> one float64 tensor of per-unit totals per layer
-    gradient_terms: dict[str, dict[str, list[torch.Tensor]]] = field(default_factory=dict)
+    gradient_terms: dict[str, dict[Level, list[torch.Tensor]]] = field(default_factory=dict)
     # per-position term name -> parameter name -> float64 totals per row (or column)
     position_terms: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     # the token batches themselves, kept only for estimators that need "calibration_data"
@@ -111,7 +112,7 @@ def as_batches(calibration: Iterable) -> list[torch.Tensor]:
 
 def calibrate(
     model: nn.Module,
-    graph: Graph,
+    table: UnitTable,
     calibration: Iterable,
     *,
     activations: bool = False,
@@ -125,42 +126,23 @@ def calibrate(
     if not activations and not terms:
         return stats
     device = next(model.parameters()).device
-    hooks = []
-    if activations:
-        hooks += _activation_hooks(model, graph, stats)
-    saved_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    if terms:
-        stats.gradient_terms = {t.name: {level: [torch.zeros(layer.num_units[level], dtype=torch.float64)
-                                                 for layer in graph] for level in LEVELS}
-                                for t in terms if not t.per_position}
-        stats.position_terms = {t.name: {} for t in terms if t.per_position}
-        hooks += _gradient_hooks(model, graph, terms, stats)
     per_sample = any(t.per_sample for t in terms)
-    was_training = model.training
-    model.eval()
     losses = []
-    try:
-        for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress):
-            stats.samples += batch.shape[0]
-            stats.tokens += batch.numel()
-            passes = batch.split(1) if per_sample else [batch]
-            for ids in passes:
-                ids = ids.to(device)
-                if terms:
-                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                    loss.backward()
-                else:
-                    with torch.no_grad():
-                        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                losses.append(float(loss.detach()))
-                stats.passes += 1
-    finally:
-        for hook in hooks:
-            hook.remove()
-        for name, p in model.named_parameters():
-            p.requires_grad_(saved_requires_grad[name])
-            p.grad = None
-        model.train(was_training)
+    hooks = []
+    with preserved(model):
+        if activations:
+            hooks += _activation_hooks(model, table, stats)
+        if terms:
+            stats.gradient_terms = {t.name: {level: [torch.zeros(layer.num_units[level], dtype=torch.float64)
+                                                     for layer in table] for level in LEVELS}
+                                    for t in terms if not t.per_position}
+            stats.position_terms = {t.name: {} for t in terms if t.per_position}
+            hooks += _gradient_hooks(model, table, terms, stats)
+        try:
+            _run_passes(model, batches, terms, per_sample, stats, losses, device, progress)
+        finally:
+            for hook in hooks:
+                hook.remove()
     stats.mean_loss = sum(losses) / len(losses)
     if any(loss != loss for loss in losses):
         raise CalibrationError("The calibration loss is NaN: check the model's dtype (use float32 for "
@@ -168,28 +150,26 @@ def calibrate(
     return stats
 
 
-@contextmanager
-def frozen(model: nn.Module) -> Iterator[None]:
-    """No weight gradients and eval mode for the duration; both restored afterwards.
-
-    For passes that train something other than the weights (gates, blend weights) through a
-    model that must come out exactly as it went in.
-    """
-    saved = {name: p.requires_grad for name, p in model.named_parameters()}
-    was_training = model.training
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for name, p in model.named_parameters():
-            p.requires_grad_(saved[name])
-        model.train(was_training)
+def _run_passes(model: nn.Module, batches: list[torch.Tensor], terms: list[GradientTerm], per_sample: bool,
+                stats: CalibrationStats, losses: list[float], device: torch.device, progress: bool) -> None:
+    """The forward (and, for gradient terms, backward) passes over every batch."""
+    for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress):
+        stats.samples += batch.shape[0]
+        stats.tokens += batch.numel()
+        for ids in batch.split(1) if per_sample else [batch]:
+            ids = ids.to(device)
+            if terms:
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                loss.backward()
+            else:
+                with torch.no_grad():
+                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            losses.append(float(loss.detach()))
+            stats.passes += 1
 
 
-def _activation_hooks(model: nn.Module, graph: Graph, stats: CalibrationStats) -> list:
-    paths = sorted({m.module_path for layer in graph for level in LEVELS for m in layer.members[level]})
+def _activation_hooks(model: nn.Module, table: UnitTable, stats: CalibrationStats) -> list:
+    paths = sorted({m.module_path for layer in table for level in LEVELS for m in layer.members[level]})
     hooks = []
     for path in paths:
         module = model.get_submodule(path)
@@ -203,9 +183,9 @@ def _activation_hooks(model: nn.Module, graph: Graph, stats: CalibrationStats) -
     return hooks
 
 
-def _gradient_hooks(model: nn.Module, graph: Graph, terms: list[GradientTerm], stats: CalibrationStats) -> list:
-    members: dict[str, list[tuple[str, int, Member]]] = {}
-    for layer in graph:
+def _gradient_hooks(model: nn.Module, table: UnitTable, terms: list[GradientTerm], stats: CalibrationStats) -> list:
+    members: dict[str, list[tuple[Level, int, Member]]] = {}
+    for layer in table:
         for level in LEVELS:
             for member in layer.members[level]:
                 members.setdefault(member.param_name, []).append((level, layer.index, member))

@@ -20,18 +20,20 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import ConfigurationError
-from .estimators import Estimator, Scores
-from .graph import Graph
+from ..errors import ConfigurationError
+from ..estimators.base import Estimator, Scores
+from ..io import atomic_path
+from ..units.table import UnitTable
+from ..vocabulary import Level
 
 SCORES_FORMAT = "adaprune-scores"
 SCORES_VERSION = 1
 
 
-def fingerprint(model: nn.Module, graph: Graph) -> dict[str, Any]:
-    """What a cache must match: the model's class, its family and every layer's shape."""
-    return {"architecture": type(model).__name__, "family": graph.spec.name,
-            "shapes": [shape.to_dict() for shape in graph.shapes]}
+def fingerprint(model: nn.Module, table: UnitTable) -> dict[str, Any]:
+    """What a cache (and a plan) must match: the model's class, its family and every layer's shape."""
+    return {"architecture": type(model).__name__, "family": table.spec.name,
+            "shapes": [shape.to_dict() for shape in table.shapes]}
 
 
 def estimator_record(estimator: Estimator) -> dict[str, Any]:
@@ -90,7 +92,8 @@ class ScoreCache(Mapping[str, Scores]):
                     for index, values in enumerate(per_layer):
                         tensors[f"scores/{name}/{granularity}/{level}/{index}"] = values.detach().clone()
         meta = {"format": SCORES_FORMAT, "version": SCORES_VERSION, "estimators": self.estimators, "model": self.model}
-        save_file(tensors, str(path), metadata={"adaprune": json.dumps(meta)})
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"adaprune": json.dumps(meta)})
 
     @classmethod
     def load(cls, path: str | Path) -> ScoreCache:
@@ -111,9 +114,14 @@ class ScoreCache(Mapping[str, Scores]):
             if kind == "means":
                 means[rest] = values
                 continue
-            name, granularity, level, index = rest.split("/")
-            per_layer = scores.setdefault(name, {}).setdefault(granularity, {}).setdefault(level, {})
-            per_layer[int(index)] = values
+            try:
+                name, granularity, level, index = rest.split("/")
+                per_layer = scores.setdefault(name, {}).setdefault(granularity, {}).setdefault(Level(level), {})
+                index = int(index)
+            except ValueError as error:
+                raise ConfigurationError(f"The score cache {path} holds a tensor {key!r} that is not an adaprune "
+                                         "score; save a cache with pruner.score(calibration).save(path).") from error
+            per_layer[index] = values
         ordered = {name: {granularity: {level: [per_layer[i] for i in range(len(per_layer))]
                                         for level, per_layer in by_level.items()}
                           for granularity, by_level in by_granularity.items()}

@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .errors import AdapruneError
-from .plan import Plan
+from ..errors import AdapruneError
+from ..io import atomic_path
+from ..plan import Plan
 
 PLAN_FILE = "adaprune_plan.json"  # the name `adaprune prune` saves the plan under in its output folder
 PLOT_FORMATS = (".png", ".pdf", ".svg")
@@ -131,6 +132,6 @@ def plot_plan(plan: Plan, path: str | Path) -> Path:
         axis.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
     axes[-1].set_xlabel("layer")
     axes[-1].set_xticks(layers)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=110, format=path.suffix.lstrip(".").lower())
     return path

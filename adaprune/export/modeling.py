@@ -1,12 +1,9 @@
-"""Keep a sliced model's config true, so that `save_pretrained` writes a checkpoint that loads anywhere.
+"""The small modeling file saved with a checkpoint whose layers differ (or that a stock config cannot describe).
 
-Same shapes in every layer, and shapes the stock config accepts: the global config keys are
-rewritten and stock transformers reloads the checkpoint. Otherwise (shapes that differ per
-layer, or a head count the stock config refuses, such as one that does not divide
-`hidden_size`): the shapes go into `config.per_layer_config`, and the model and config classes
-become thin subclasses of the stock ones, defined in a small generated modeling file that
-`save_pretrained` copies next to the weights and registers through `auto_map`
-(`from_pretrained(dir, trust_remote_code=True)`, no adaprune needed).
+The model and config classes become thin subclasses of the stock ones, defined in a file
+generated from `templates/modeling_heterogeneous.py.template`; `save_pretrained` copies it next to
+the weights and registers it through `auto_map`, so `from_pretrained(dir, trust_remote_code=True)`
+rebuilds every layer at its own size with no adaprune installed.
 """
 
 from __future__ import annotations
@@ -14,88 +11,21 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import inspect
-import json
 import os
 import sys
 import textwrap
-from collections import Counter
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
-from huggingface_hub.errors import StrictDataclassClassValidationError
 from torch import nn
 from transformers.dynamic_module_utils import get_relative_import_files
 
-from .blocks import RemovedBlock, remove_block
-from .data import cache_dir
-from .specs import ArchSpec, LayerShape
+from ..apply.removed_block import RemovedBlock, remove_block
+from ..io import cache_dir
+from ..specs.base import ArchSpec
 
-
-def sync_config(model: nn.Module, spec: ArchSpec, shapes: Sequence[LayerShape]) -> None:
-    """Write the per-layer `shapes` into `model.config` (and the model class, if they differ)."""
-    config = model.config
-    if getattr(config, "is_heterogeneous", False):
-        config.per_layer_config = None
-    entries = [_layer_entries(spec, shape, layer) for shape, layer in zip(shapes, spec.decoder_layers(model))]
-    _mark_removed_blocks(spec, config, shapes, entries)
-    # Entries hold lists (Bloom's kept heads): count them by their JSON text. `skip` is per layer only.
-    common = json.loads(Counter(json.dumps({k: v for k, v in e.items() if k != "skip"}, sort_keys=True)
-                                for e in entries).most_common(1)[0][0])
-    for key, value in common.items():
-        setattr(config, key, value)
-    overrides = {
-        index: {key: value for key, value in entry.items() if value != common.get(key)}
-        for index, entry in enumerate(entries)
-        if entry != common
-    }
-    if overrides:
-        config.per_layer_config = overrides
-    if overrides or not stock_config_accepts(config) or not all(spec.stock_builds(config, s) for s in shapes):
-        use_generated_classes(model, spec)
-
-
-def _layer_entries(spec: ArchSpec, shape: LayerShape, layer: nn.Module) -> dict:
-    """One layer's config entries: its shape under the family's config keys, and the spec's extras."""
-    fields = shape.to_dict()
-    # A multi-head-only family has no key for KV heads: it equals the head count there.
-    return {**{key: fields[field] for field, key in spec.config_keys.items()}, **spec.layer_config(layer)}
-
-
-BLOCK_FIELDS = {"attention": ("num_heads", "num_kv_heads", "head_dim"), "mlp": ("mlp_width",)}
-
-
-def _mark_removed_blocks(spec: ArchSpec, config, shapes: Sequence[LayerShape], entries: list[dict]) -> None:
-    """List each layer's removed blocks under `skip`, the per-layer key transformers keeps for that.
-
-    The generated modeling file builds such a layer at the usual size, then swaps in a stand-in for
-    each skipped block; so a skipped block's keys take the value most layers keeping that block
-    have (the config's own where none does), never the 0 heads the stock code cannot build.
-    """
-    for kind, fields in BLOCK_FIELDS.items():
-        keys = [spec.config_keys[field] for field in fields if field in spec.config_keys]
-        keeping = [entry for entry, shape in zip(entries, shapes) if kind not in shape.removed_blocks()]
-        for key in keys:
-            usual = Counter(entry[key] for entry in keeping).most_common(1)
-            # No layer keeps the block: the config's value, or none (Qwen2 derives head_dim when unset).
-            value = usual[0][0] if usual else getattr(config, key, None)
-            for entry, shape in zip(entries, shapes):
-                if kind in shape.removed_blocks():
-                    entry[key] = value
-                    if value is None:
-                        del entry[key]
-    for entry, shape in zip(entries, shapes):
-        if shape.removed_blocks():
-            entry["skip"] = list(shape.removed_blocks())
-
-
-def stock_config_accepts(config) -> bool:
-    """Whether the stock config class validates these shapes (it refuses, say, 7 heads for hidden 64)."""
-    try:
-        _stock_class(type(config)).validate(config)
-    except (ValueError, TypeError, StrictDataclassClassValidationError):
-        return False
-    return True
+TEMPLATE = "export/templates/modeling_heterogeneous.py.template"
 
 
 def use_generated_classes(model: nn.Module, spec: ArchSpec) -> None:
@@ -105,11 +35,11 @@ def use_generated_classes(model: nn.Module, spec: ArchSpec) -> None:
     (Baichuan) from the family's own files, by a relative import: those files are copied next
     to the generated one, and `save_pretrained` copies them all into the checkpoint.
     """
-    stock_model, stock_config = _stock_class(type(model)), _stock_class(type(model.config))
+    stock_model, stock_config = stock_class(type(model)), stock_class(type(model.config))
     names = {id(module): name for name, module in model.named_modules()}
     model_name, config_name = f"Adapruned{stock_model.__name__}", f"Adapruned{stock_config.__name__}"
     source = (
-        resources.files("adaprune").joinpath("templates/modeling_heterogeneous.py.template").read_text()
+        resources.files("adaprune").joinpath(TEMPLATE).read_text()
         .replace("__MODEL_MODULE__", _import_source(stock_model))
         .replace("__CONFIG_MODULE__", _import_source(stock_config))
         .replace("__BASE_CLASS__", stock_model.__name__)
@@ -123,7 +53,7 @@ def use_generated_classes(model: nn.Module, spec: ArchSpec) -> None:
         .replace("__KV_HEADS_KEY__", spec.config_keys.get("num_kv_heads", spec.config_keys["num_heads"]))
         .replace("__FAMILY_CODE__", "\n\n".join(textwrap.dedent(inspect.getsource(f)) for f in spec.modeling_code))
         .replace("__REMOVED_BLOCK_CODE__", "\n\n".join(inspect.getsource(o) for o in (RemovedBlock, remove_block)))
-        .replace("__REMOVABLE_BLOCKS__", repr({kind: (block.path, block.outputs, block.caches)
+        .replace("__REMOVABLE_BLOCKS__", repr({str(kind): (block.path, block.outputs, block.caches)
                                                for kind, block in spec.removable_blocks().items()}))
     )
     remote = [cls for cls in (stock_model, stock_config) if _is_remote(cls)]
@@ -146,7 +76,7 @@ def _import_source(cls: type) -> str:
     return "." + cls.__module__.rpartition(".")[2] if _is_remote(cls) else "transformers"
 
 
-def _stock_class(cls: type) -> type:
+def stock_class(cls: type) -> type:
     while cls.__module__.rpartition(".")[2].startswith("modeling_adapruned_"):
         cls = cls.__bases__[0]
     return cls

@@ -1,0 +1,1 @@
+"""Allocation: the interface (`base`), the shared budget rules (`budget`), `uniform` and global (`ranked`)."""

@@ -1,0 +1,1 @@
+"""Leaving adaprune: a config kept true (`config`), the generated modeling file (`modeling`)."""

@@ -1,0 +1,358 @@
+"""The Pruner: the public entry point that composes the pipeline of DESIGN.md.
+
+    score -> fuse -> allocate -> Plan -> apply (mask | slice) -> stages
+
+    pruner = Pruner(model, ratio=0.2)
+    plan = pruner.plan(calibration)   # the model is untouched
+    pruner.apply(plan)                # masks or slices in place, then the stages
+
+Every stage gets a narrow, typed input (`Candidates`, `FusionContext`, `AllocationScores` and
+`Budget`, `Plan`, `StageContext`) and nothing reaches back into the Pruner. `PruneConfig` holds
+every setting with its default: the command line builds its options from it, so the two agree.
+"""
+
+from __future__ import annotations
+
+import numbers
+import resource
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .allocation.base import AllocationScores, check_units
+from .allocation.budget import Budget, check_multiple, eligible_layers
+from .apply.compensation import check_biases, compensation_entries, input_means
+from .apply.mask import MaskHandle, mask
+from .apply.slicing import slice_model
+from .errors import AdapruneError, ConfigurationError, EstimatorError
+from .estimators.base import Estimator, Scores
+from .export.config import sync_config
+from .fusion.base import FusionContext
+from .plan import LayerPlan, Plan
+from .plugins import create_allocator, create_policy, describe, detect_spec, parse_estimator
+from .scoring.cache import ScoreCache, estimator_record, fingerprint
+from .scoring.calibration import CalibrationStats, as_batches, calibrate
+from .scoring.candidates import block_importance, candidates_of, validate_scores
+from .stages.base import Stage, StageContext
+from .units.table import UnitTable
+from .vocabulary import parse_units
+
+MODES = ("slice", "mask")
+
+
+@dataclass
+class PruneConfig:
+    """Every setting of a pruning run, with its default (shared by the Python API and the command line)."""
+
+    ratio: float = 0.2
+    estimators: Sequence[str | dict | Estimator] = ("taylor",)
+    fusion: str = "adaptive"
+    fusion_options: dict[str, Any] = field(default_factory=dict)
+    allocation: str = "uniform"
+    units: Sequence[str] = ("kv_groups", "channels")
+    mode: str = "slice"
+    layers: Iterable[int] | str | int | None = None
+    multiple: int = 8
+
+
+DEFAULTS = PruneConfig()
+
+
+class Pruner:
+    """Structured pruning of one decoder-only model.
+
+    Args:
+        model: a transformers causal LM of a supported family (see ``adaprune.specs``).
+        ratio: fraction of the prunable parameters (attention and MLP projections) to remove, in [0, 1).
+        estimators: names (``"taylor"``), ``{"name": ..., **options}`` dicts, or Estimator instances.
+        fusion: fusion policy name (``adaptive``, ``coarse``, ``fine``, ``fixed``, or a plugin's);
+            ``fusion_options`` its arguments. ``adaptive`` trains its per-site blend on the
+            calibration batches of the `plan()` call (see ``adaprune.fusion.adaptive``).
+        allocation: how the budget is spread over layers: ``uniform`` (the same fraction from every
+            eligible layer), ``global`` (one ranking of all units by normalised importance per
+            parameter; see ``adaprune.allocation.ranked``), or a plugin's.
+        units: what may be removed: ``kv_groups`` (whole KV groups), ``query_heads`` (heads within
+            groups, the same number in each), ``channels`` (MLP channels), and with an allocation
+            that removes blocks ``blocks`` (whole attention and MLP blocks; or ``attention_blocks``,
+            ``mlp_blocks`` alone).
+        mode: ``slice`` (physically smaller) or ``mask`` (zeroed, reversible with ``restore()``).
+        layers: eligible layers: an index, indices, or ``"start:stop"``; default all.
+        multiple: kept MLP widths are rounded to a multiple of this.
+        stages: what runs after apply (see ``adaprune.stages``), in order.
+        progress: show progress bars.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        ratio: float = DEFAULTS.ratio,
+        estimators: Sequence[str | dict | Estimator] = DEFAULTS.estimators,
+        fusion: str = DEFAULTS.fusion,
+        fusion_options: dict[str, Any] | None = None,
+        allocation: str = DEFAULTS.allocation,
+        units: Sequence[str] = DEFAULTS.units,
+        mode: str = DEFAULTS.mode,
+        layers: Iterable[int] | str | int | None = DEFAULTS.layers,
+        multiple: int = DEFAULTS.multiple,
+        stages: Sequence[Stage] = (),
+        progress: bool = True,
+    ) -> None:
+        self.ratio = _ratio(ratio)
+        if mode not in MODES:
+            raise ConfigurationError(f"mode must be one of {MODES}, got {mode!r}.")
+        if not isinstance(multiple, numbers.Integral) or isinstance(multiple, bool) or multiple < 1:
+            raise ConfigurationError(f"multiple must be a positive integer, got {multiple!r}.")
+        self.model = model
+        self.spec = detect_spec(model)
+        self.estimators = [parse_estimator(e) for e in estimators]
+        if not self.estimators:
+            raise ConfigurationError("estimators is empty; name at least one (see adaprune.list_estimators()).")
+        self.fusion = create_policy(fusion, **(fusion_options or {}))
+        self.allocator = create_allocator(allocation)
+        self.units = parse_units(units)
+        self.mode = mode
+        self.layers = layers
+        self.multiple = int(multiple)
+        self.stages = list(stages)
+        self.progress = progress
+        table = UnitTable(model, self.spec)
+        self.eligible = eligible_layers(len(table), layers)
+        check_units(self.units, self.allocator, self.spec)
+        if self.ratio > 0:  # with nothing to remove, no width needs rounding
+            check_multiple(table, self.eligible, self.units, self.multiple)
+        if any(e.compensates_bias for e in self.estimators):
+            check_biases(model, table)  # refuse before any work
+        #: Wall seconds of each stage of the latest calls, and the process's peak memory.
+        self.timings: dict[str, float] = {}
+        self.calibration: dict[str, Any] = {}
+        self._mask: MaskHandle | None = None
+        self._planned: tuple[Plan, list[torch.Tensor]] | None = None  # the latest plan and its calibration
+
+    # ---- deciding ------------------------------------------------------------------------------
+    def score(self, calibration: Iterable | None = None, tokenizer: Any = None) -> ScoreCache:
+        """Run the calibration pass once and every estimator; returns `{estimator: scores}` as a ScoreCache.
+
+        The pass gathers the union of what the estimators need; plan from the cache as often as
+        you like (`plan(scores=cache)`), or `cache.save(path)` and `ScoreCache.load(path)` it later.
+        """
+        return self._score(self._batches(calibration, tokenizer))
+
+    def _score(self, batches: list[torch.Tensor]) -> ScoreCache:
+        table = UnitTable(self.model, self.spec)
+        needs = set().union(*(e.needs for e in self.estimators))
+        stats = CalibrationStats()
+        if needs - {"weights"}:
+            if not batches:
+                raise ConfigurationError(
+                    f"Estimators {[e.name for e in self.estimators if set(e.needs) - {'weights'}]} need calibration "
+                    "data: pass token-id batches (or texts with a tokenizer) to plan().")
+            # One fold per term name: two estimators may share a term (both Taylor orders need w*g).
+            terms = list({t.name: t for e in self.estimators for t in e.gradient_terms()}.values())
+            with self._timed("calibration"), torch.enable_grad():
+                stats = calibrate(self.model, table, batches, activations="activations" in needs,
+                                  gradient_terms=terms, progress=self.progress)
+            self.calibration = {"samples": stats.samples, "tokens": stats.tokens, "passes": stats.passes,
+                                "mean_loss": stats.mean_loss}
+            if "calibration_data" in needs:
+                stats.batches = batches
+        with self._timed("scoring"), torch.enable_grad():
+            scores = {e.name: self._run_estimator(e, table, stats) for e in self.estimators}
+        means = input_means(table, stats) if any(e.compensates_bias for e in self.estimators) else None
+        return ScoreCache(scores, [estimator_record(e) for e in self.estimators], fingerprint(self.model, table), means)
+
+    def _run_estimator(self, estimator: Estimator, table: UnitTable, stats: CalibrationStats) -> Scores:
+        """The estimator's scores, checked; a plugin's own failure is reported with its name."""
+        try:
+            scores = estimator.score(self.model, table, stats)
+        except AdapruneError:
+            raise
+        except Exception as error:
+            raise EstimatorError(f"Estimator {describe(estimator)} failed while scoring: {type(error).__name__}: "
+                                 f"{error}") from error
+        return validate_scores(describe(estimator), scores, table)
+
+    def plan(self, calibration: Iterable | None = None, tokenizer: Any = None,
+             scores: ScoreCache | dict[str, Scores] | None = None) -> Plan:
+        """Decide what to remove. The model is not changed.
+
+        `calibration` is an iterable of token-id batches ([batch, seq] tensors or lists), or of
+        texts together with `tokenizer`. Pass `scores` (the ScoreCache from `score()`, or loaded
+        with `ScoreCache.load`, or a dict of estimator scores) to plan again at another ratio or
+        fusion without a calibration pass; the calibration given to this call (if any) still
+        serves a fusion that trains. Scores made for another model or other estimators are refused.
+        """
+        table = UnitTable(self.model, self.spec)
+        batches = self._batches(calibration, tokenizer)
+        cache = self._score(batches) if scores is None else self._checked_cache(scores, table)
+        candidates = candidates_of(cache.scores)
+        blocks = block_importance(candidates)
+        budget = Budget(self.ratio, self.units, self.eligible, self.multiple)
+
+        def select(fused) -> list[LayerPlan]:
+            return self.allocator.allocate(table, AllocationScores(fused, blocks), budget)
+
+        levels = tuple(unit.level for unit in self.units if unit.level is not None)
+        context = FusionContext(self.model, table, levels, batches, select, self.allocator.fixed_counts,
+                                self.progress)
+        with self._timed("fusion"), torch.enable_grad():
+            fused = self.fusion.fuse(candidates, context)
+        with self._timed("allocation"):
+            layer_plans = select(fused.scores)
+        plan = Plan(
+            model=fingerprint(self.model, table),
+            layers=layer_plans,
+            settings=self.settings(),
+            fusion={"policy": self.fusion.name, "options": self.fusion.options, "sites": fused.weights,
+                    "warnings": fused.warnings, **({"training": fused.info} if fused.info else {})},
+            scores={level: [[round(float(v), 6) for v in t] for t in per_layer]
+                    for level, per_layer in fused.scores.items()},
+            block_scores={kind: [None if v is None else round(v, 6) for v in per_layer]
+                          for kind, per_layer in blocks.items()},
+        )
+        if any(e.compensates_bias for e in self.estimators):
+            plan.compensation = compensation_entries(plan, self.model, table, cache.means)
+        total = sum(p.numel() for p in self.model.parameters())
+        prunable = table.prunable_count()
+        removed = table.count_removed(plan.layers)
+        plan.params = {"total_before": total, "total_after": total - removed, "prunable_before": prunable,
+                       "removed": removed,
+                       # What the allocation achieved, against the ratio asked (rounding moves it a little).
+                       "prunable_fraction_removed": round(removed / prunable, 6) if prunable else 0.0}
+        self._planned = (plan, batches)
+        return plan
+
+    def _batches(self, calibration: Iterable | None, tokenizer: Any) -> list[torch.Tensor]:
+        return [] if calibration is None else as_batches(_tokenize(calibration, tokenizer))
+
+    def _checked_cache(self, scores: ScoreCache | dict[str, Scores], table: UnitTable) -> ScoreCache:
+        """The scores of this Pruner's estimators for this model: a cache is matched by its fingerprint,
+        a dict of raw scores checked unit by unit."""
+        model = fingerprint(self.model, table)
+        if not isinstance(scores, ScoreCache):
+            missing = [e.name for e in self.estimators if e.name not in scores]
+            if missing:
+                raise ConfigurationError(f"The scores given hold {sorted(scores)}, not estimator(s) {missing}; "
+                                         "score with pruner.score(calibration).")
+            checked = {e.name: validate_scores(describe(e), scores[e.name], table) for e in self.estimators}
+            return ScoreCache(checked, [estimator_record(e) for e in self.estimators], model)
+        return scores.select(model, self.estimators)
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting of this Pruner, defaults resolved (as plans record them)."""
+        return {"ratio": self.ratio, "estimators": [estimator_record(e) for e in self.estimators],
+                "fusion": self.fusion.name, "fusion_options": self.fusion.options,
+                "allocation": self.allocator.name, "units": [str(u) for u in self.units],
+                "layers": self.layers if isinstance(self.layers, (str, int, type(None))) else list(self.layers),
+                "multiple": self.multiple, "stages": {stage.name: stage.options for stage in self.stages}}
+
+    # ---- acting ---------------------------------------------------------------------------------
+    def apply(self, plan: Plan, mode: str | None = None, calibration: Iterable | None = None,
+              tokenizer: Any = None) -> None:
+        """Apply `plan` in place: mask (reversible) or slice, then the stages. The whole plan is checked first.
+
+        Stages that learn from data (reconstruction) use `calibration`, by default the calibration
+        of the `plan()` call that made `plan` with this Pruner.
+        """
+        mode = mode or self.mode
+        if mode not in MODES:
+            raise ConfigurationError(f"mode must be one of {MODES}, got {mode!r}.")
+        table = UnitTable(self.model, self.spec)
+        if not self.stages:
+            with self._timed("apply"):
+                if mode == "mask":
+                    self._mask = mask(plan, self.model, table)
+                else:
+                    slice_model(plan, self.model, table)
+                    sync_config(self.model, self.spec, plan.pruned_shapes())
+            return
+        batches = self._batches(calibration, tokenizer)
+        if not batches and self._planned is not None and self._planned[0] is plan:
+            batches = self._planned[1]
+        # The stages work on the masked model, which still holds what the plan removes; slicing follows.
+        with self._timed("apply"):
+            handle = mask(plan, self.model, table)
+        try:
+            context = StageContext(table, handle, batches, self.progress)
+            for stage in self.stages:
+                with self._timed(stage.name):
+                    plan.stages[stage.name] = stage.run(self.model, plan, context)
+        except BaseException:
+            handle.restore()  # never leave the model half-repaired
+            raise
+        if mode == "mask":
+            self._mask = handle
+            return
+        with self._timed("slice"):
+            handle.release()
+            slice_model(plan, self.model, table, shift_biases=False)  # the mask added the bias shifts
+            sync_config(self.model, self.spec, plan.pruned_shapes())
+
+    def restore(self) -> None:
+        """Undo a `mask` application."""
+        if self._mask is None:
+            raise ConfigurationError("Nothing to restore: restore() undoes apply(plan, mode='mask').")
+        self._mask.restore()
+        self._mask = None
+
+    # ---- reporting ------------------------------------------------------------------------------
+    def report(self, plan: Plan) -> dict[str, Any]:
+        """The run report of DESIGN.md: sizes, wall time per stage, peak memory, estimators, fusion, kept units."""
+        params_after = sum(p.numel() for p in self.model.parameters())
+        before = plan.params["total_before"]
+        return {
+            "params_before": before,
+            "params_after": params_after,
+            "fraction_removed": 1 - params_after / before,
+            "prunable_fraction_removed": plan.params["removed"] / plan.params["prunable_before"],
+            "stage_seconds": dict(self.timings),
+            "peak_memory_mb": peak_memory_mb(),
+            "calibration": self.calibration or None,
+            "estimators": plan.settings["estimators"],
+            "fusion": plan.fusion,
+            "settings": plan.settings,
+            "stages": plan.stages,
+            "kept": plan.summary()["layers"],
+        }
+
+    @contextmanager
+    def _timed(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(time.perf_counter() - start, 3)
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+def _ratio(ratio: Any) -> float:
+    """The ratio as a float in [0, 1): Python, numpy and one-element torch numbers are accepted."""
+    if isinstance(ratio, torch.Tensor) and ratio.numel() == 1 and not ratio.dtype.is_complex:
+        ratio = ratio.item()
+    if not isinstance(ratio, numbers.Real) or isinstance(ratio, bool) or not 0.0 <= float(ratio) < 1.0:
+        raise ConfigurationError(f"ratio must be in [0, 1), got {ratio!r}: it is the fraction of prunable "
+                                 "parameters to remove (0.2 removes a fifth).")
+    return float(ratio)
+
+
+def _tokenize(calibration: Iterable, tokenizer: Any, max_length: int = 128) -> Iterable:
+    """Texts become one sample each (truncated to `max_length` tokens); token ids pass through."""
+    items = list(calibration)
+    if items and isinstance(items[0], str):
+        if tokenizer is None:
+            raise ConfigurationError("The calibration set is text; pass tokenizer= to plan() as well.")
+        return [torch.tensor([tokenizer(text, truncation=True, max_length=max_length)["input_ids"]]) for text in items]
+    return items
+
+
+__all__ = ["DEFAULTS", "MODES", "PruneConfig", "Pruner"]

@@ -1,0 +1,1 @@
+"""Stages after apply: what repairs the cut (see `base.Stage`)."""
