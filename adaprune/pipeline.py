@@ -40,6 +40,7 @@ from .scoring.cache import ScoreCache, estimator_record, fingerprint
 from .scoring.calibration import CalibrationStats, as_batches, calibrate
 from .scoring.candidates import block_importance, candidates_of, validate_scores
 from .stages.base import Stage, StageContext
+from .stages.reconstruct import ReconstructStage
 from .units.table import UnitTable
 from .vocabulary import parse_units
 
@@ -59,6 +60,8 @@ class PruneConfig:
     mode: str = "slice"
     layers: Iterable[int] | str | int | None = None
     multiple: int = 8
+    #: Refit the projections that read removed units after apply (True, False, or the stage's options).
+    reconstruct: bool | dict[str, Any] = True
 
 
 DEFAULTS = PruneConfig()
@@ -84,7 +87,10 @@ class Pruner:
         mode: ``slice`` (physically smaller) or ``mask`` (zeroed, reversible with ``restore()``).
         layers: eligible layers: an index, indices, or ``"start:stop"``; default all.
         multiple: kept MLP widths are rounded to a multiple of this.
-        stages: what runs after apply (see ``adaprune.stages``), in order.
+        reconstruct: after apply, refit the projections that read removed units in closed form on
+            the calibration batches (``adaprune.stages.reconstruct``); a dict gives its options
+            (``damping``, ``samples``, ``target``, ``bias``); False skips it.
+        stages: further stages after apply (see ``adaprune.stages``), run after reconstruction.
         progress: show progress bars.
     """
 
@@ -100,6 +106,7 @@ class Pruner:
         mode: str = DEFAULTS.mode,
         layers: Iterable[int] | str | int | None = DEFAULTS.layers,
         multiple: int = DEFAULTS.multiple,
+        reconstruct: bool | dict[str, Any] = DEFAULTS.reconstruct,
         stages: Sequence[Stage] = (),
         progress: bool = True,
     ) -> None:
@@ -119,7 +126,14 @@ class Pruner:
         self.mode = mode
         self.layers = layers
         self.multiple = int(multiple)
-        self.stages = list(stages)
+        if not isinstance(reconstruct, (bool, dict)):
+            raise ConfigurationError(f"reconstruct must be True, False or a dict of its options, got {reconstruct!r}.")
+        try:
+            first = [ReconstructStage(**(reconstruct if isinstance(reconstruct, dict) else {}))] if reconstruct else []
+        except TypeError as error:
+            raise ConfigurationError(f"reconstruct options {reconstruct} are not understood ({error}); it takes "
+                                     "damping, samples, target and bias.") from None
+        self.stages = first + list(stages)
         self.progress = progress
         table = UnitTable(model, self.spec)
         self.eligible = eligible_layers(len(table), layers)

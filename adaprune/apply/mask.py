@@ -39,6 +39,14 @@ class MaskHandle:
         with torch.no_grad():
             tensor.copy_(values.to(device=tensor.device, dtype=tensor.dtype))
 
+    def original(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A copy of `tensor` as it was before the mask (and every change recorded since)."""
+        values = tensor.detach().clone()
+        for saved, dim, positions, old in reversed(self._saved):
+            if saved is tensor:
+                values.index_copy_(dim, positions, old)
+        return values
+
     def release(self) -> None:
         """Forget the saved values: the model stays as it is now, and counts as masked no more."""
         self._saved.clear()

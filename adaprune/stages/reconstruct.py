@@ -1,0 +1,303 @@
+"""Weight reconstruction: refit the projections that read removed units, layer by layer, in closed form.
+
+After the plan is applied, each decoder layer in turn (the calibration batches fed through the
+layers already reconstructed, so errors do not compound) gets new weights for the projections
+that read its units (attention's output projection over the kept heads, the MLP's down
+projection over the kept channels; the family spec says which, fused layouts included), so that
+the layer's output on the same inputs matches what the dense layer gave:
+
+    W_kept' = W G[:, K] (G[K, K] + lambda I)^-1        (float64; G = E[z z^T] of the full input z)
+
+with a bias fitted alongside where the family has one (this subsumes FLAP's bias compensation).
+`target="dense"` fits instead to the dense model's own layer inputs (the cross-moments of the
+dense path with the pruned one), which also corrects the error accumulated upstream. The
+attention block of a layer is refitted first and the MLP's statistics are taken after it, since
+the MLP reads the attention's output. The damping `lambda` is `damping` times the mean diagonal of
+G[K, K]; a system that will not factor gets ten times more damping (recorded in the report),
+never NaN. Memory: one layer's Gram matrices and that layer's calibration hidden states at a time.
+
+The stage runs on the model masked by the plan: the MaskHandle still holds the removed values,
+from which the dense layer is rebuilt one layer at a time.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..apply.mask import MaskHandle
+from ..apply.positions import complement, pruned_positions
+from ..errors import ConfigurationError
+from ..plan import Plan
+from ..units.model_state import frozen
+from ..units.table import LayerUnits
+from .base import Stage, StageContext
+
+TARGETS = ("pruned", "dense")
+MAX_RETRIES = 6
+
+
+class _Stop(Exception):
+    """Raised by a capturing hook once it has what it needs: the rest of the forward is not run."""
+
+
+@dataclass
+class _Projection:
+    """One projection of a layer that reads units the plan removes."""
+
+    path: str  # inside the model
+    inner: str  # inside the decoder layer
+    linear: nn.Linear
+    kept: torch.Tensor  # kept input columns
+
+
+class ReconstructStage(Stage):
+    """Closed-form ridge refit of the projections that read removed units (see the module docstring).
+
+    Options: `damping` (ridge, relative to the mean diagonal of the kept Gram matrix), `samples`
+    (calibration rows used at most), `target` (``"pruned"``: match the dense layer on the pruned
+    model's own inputs; ``"dense"``: match the dense model's layer outputs), `bias` (fit the bias
+    where the projection has one).
+    """
+
+    name = "reconstruct"
+
+    def __init__(self, damping: float = 0.01, samples: int = 64, target: str = "pruned", bias: bool = True):
+        if not isinstance(damping, (int, float)) or isinstance(damping, bool) or not damping > 0 \
+                or not math.isfinite(damping):
+            raise ConfigurationError(f"reconstruct damping must be a positive number, got {damping!r}.")
+        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+            raise ConfigurationError(f"reconstruct samples must be a positive integer, got {samples!r}.")
+        if target not in TARGETS:
+            raise ConfigurationError(f"reconstruct target must be one of {TARGETS}, got {target!r}.")
+        self.damping, self.samples, self.target, self.bias = float(damping), samples, target, bool(bias)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return {"damping": self.damping, "samples": self.samples, "target": self.target, "bias": self.bias}
+
+    def run(self, model: nn.Module, plan: Plan, context: StageContext) -> dict[str, Any]:
+        rows = [row for batch in context.batches for row in batch.split(1)][: self.samples]
+        if not rows:
+            return {**self.options, "skipped": "no calibration batches: pass calibration to plan() or apply()"}
+        units, spec = context.units, context.units.spec
+        by_layer = _projections_by_layer(plan, units, model)
+        layers = spec.decoder_layers(model)
+        device = next(model.parameters()).device
+        batches = [torch.cat(rows[i:i + 8]).to(device) for i in range(0, len(rows), 8)]
+        report: dict[str, Any] = {**self.options, "rows": len(rows), "tokens": sum(b.numel() for b in batches),
+                                  "layers": [], "warnings": []}
+        with frozen(model), torch.no_grad():
+            hidden, kwargs = _layer_inputs(model, layers[0], batches)
+            dense_hidden = [h.clone() for h in hidden] if self.target == "dense" else None
+            for layer_units, layer in tqdm(list(zip(units, layers)), desc="reconstruction", unit="layer",
+                                           disable=not context.progress):
+                projections = by_layer.get(layer_units.index, [])
+                dense_layer = _dense_copy(layer, context.mask) if projections \
+                    or dense_hidden is not None else None
+                fitted = []
+                for block, group in _in_order(projections, layer_units, spec):
+                    fitted += self._refit(layer, dense_layer, block, group, hidden, dense_hidden, kwargs,
+                                          context.mask, report["warnings"], layer_units.index)
+                if fitted:
+                    report["layers"].append({"layer": layer_units.index, "projections": fitted})
+                if dense_hidden is not None:
+                    dense_hidden = [_forward(dense_layer, h, k) for h, k in zip(dense_hidden, kwargs)]
+                hidden = [_forward(layer, h, k) for h, k in zip(hidden, kwargs)]
+        return report
+
+    # ---- one group of projections (the attention's, then the MLP's) ----------------------------------
+    def _refit(self, layer: nn.Module, dense_layer: nn.Module, block: list[str], group: list[_Projection], hidden,
+               dense_hidden, kwargs, mask: MaskHandle, warnings: list[str], index: int) -> list[dict[str, Any]]:
+        """Refit `group` (the projections of one block that read removed units) from the full inputs
+        of the dense block (every projection path in `block` restored) on `hidden`."""
+        # The pruned layer up to this block (earlier blocks already refitted), this block dense.
+        probe = copy.deepcopy(layer)
+        for name, param in layer.named_parameters():
+            if name.rpartition(".")[0] in block:
+                _set_param(probe, name, mask.original(param))
+        stats = {p.inner: _Moments(p.linear.in_features, paired=dense_hidden is not None) for p in group}
+        with _capture_inputs(probe, [p.inner for p in group], stats, "pruned"):
+            for h, k in zip(hidden, kwargs):
+                _forward_until_captured(probe, h, k)
+        if dense_hidden is not None:
+            with _capture_inputs(dense_layer, [p.inner for p in group], stats, "dense"):
+                for h, k in zip(dense_hidden, kwargs):
+                    _forward_until_captured(dense_layer, h, k)
+        del probe
+        fitted = []
+        for projection in group:
+            result = self._solve(projection, stats[projection.inner], mask)
+            if result.pop("damping_raised", False):
+                warnings.append(f"layer {index} {projection.inner}: the system would not factor; refitted with "
+                                f"damping {result['damping']:.3g}")
+            fitted.append(result)
+        return fitted
+
+    def _solve(self, projection: _Projection, moments: _Moments, mask: MaskHandle) -> dict[str, Any]:
+        linear, kept = projection.linear, projection.kept
+        weight = mask.original(linear.weight).to(torch.float64)
+        bias = mask.original(linear.bias).to(torch.float64) if linear.bias is not None else None
+        n = moments.count
+        gram = moments.gram / n  # E[z z^T] on the pruned path
+        mean = moments.sum / n
+        cross, cross_mean = (moments.cross / n, moments.dense_sum / n) if moments.dense_count else (gram, mean)
+        # Right-hand side: E[target z_K^T] with target = W z (+ b); z from the dense path when asked.
+        rhs = weight @ cross[:, kept]
+        system = gram[kept][:, kept]
+        fit_bias = self.bias and bias is not None
+        if fit_bias:  # augment z_K with a constant 1 (the bias is not damped)
+            system = torch.cat([torch.cat([system, mean[kept, None]], 1),
+                                torch.cat([mean[kept], mean.new_ones(1)])[None]], 0)
+            target_mean = weight @ cross_mean + bias
+            rhs = torch.cat([rhs + bias[:, None] * mean[kept][None], target_mean[:, None]], 1)
+        scale = float(torch.diagonal(system)[: len(kept)].mean()) or 1.0
+        damping, raised = self.damping, False
+        for _ in range(MAX_RETRIES):
+            regularised = system.clone()
+            regularised.diagonal()[: len(kept)] += damping * scale
+            factor, info = torch.linalg.cholesky_ex(regularised)
+            if int(info) == 0:
+                solution = torch.cholesky_solve(rhs.T, factor).T
+                if bool(torch.isfinite(solution).all()):
+                    break
+            damping, raised = damping * 10, True
+        else:
+            raise ConfigurationError(f"Reconstruction of {projection.path} found no usable solution even with "
+                                     f"damping {damping:g}; run with reconstruct=False, or more calibration samples.")
+        new_weight = torch.zeros_like(weight)
+        new_weight[:, kept] = solution[:, : len(kept)]
+        mask.replace(linear.weight, new_weight)
+        if fit_bias:
+            mask.replace(linear.bias, solution[:, len(kept)])
+        return {"projection": projection.path, "kept_inputs": len(kept), "damping": damping,
+                "damping_raised": raised}
+
+
+class _Moments:
+    """Running sums of one projection's full input over the calibration tokens (float64)."""
+
+    def __init__(self, width: int, paired: bool):
+        self.paired = paired  # the dense path follows: keep each batch's inputs to pair them
+        self.count, self.dense_count = 0, 0
+        self.gram = torch.zeros(width, width, dtype=torch.float64)
+        self.sum = torch.zeros(width, dtype=torch.float64)
+        self.cross = torch.zeros(width, width, dtype=torch.float64) if paired else None  # sum of z_dense z^T
+        self.dense_sum = torch.zeros(width, dtype=torch.float64)
+        self._pruned: list[torch.Tensor] = []  # this batch's pruned-path inputs, to pair with the dense ones
+
+    def add(self, x: torch.Tensor, path: str) -> None:
+        z = x.detach().reshape(-1, x.shape[-1]).to(torch.float64).cpu()
+        if path == "pruned":
+            self.count += z.shape[0]
+            self.gram += z.T @ z
+            self.sum += z.sum(0)
+            if self.paired:
+                self._pruned.append(z)
+        else:  # the dense path comes after the pruned one, batch by batch in the same order
+            pruned = self._pruned.pop(0)
+            self.dense_count += z.shape[0]
+            self.cross += z.T @ pruned
+            self.dense_sum += z.sum(0)
+
+
+def _projections_by_layer(plan: Plan, units, model: nn.Module) -> dict[int, list[_Projection]]:
+    """The "in" projections the plan shrinks, per layer (blocks removed whole have none)."""
+    by_path = {layer.path: layer.index for layer in units}
+    result: dict[int, list[_Projection]] = {}
+    for path, linear, axis, kept in pruned_positions(plan, units, model):
+        if axis != "in":
+            continue
+        layer_path = next(p for p in by_path if path.startswith(f"{p}."))
+        result.setdefault(by_path[layer_path], []).append(
+            _Projection(path, path[len(layer_path) + 1:], linear, kept))
+    return result
+
+
+def _in_order(projections: list[_Projection], layer: LayerUnits, spec) -> list[tuple[list[str], list[_Projection]]]:
+    """The layer's projections grouped by block, attention first (the MLP reads its output), each
+    with the paths of every projection of its block."""
+    attention = [p.path for p in spec.attention_projections(layer.shape.attention)]
+    mlp = [p.path for p in spec.mlp_projections(layer.shape.mlp_width)]
+    groups = [(paths, [p for p in projections if p.inner in paths]) for paths in (attention, mlp)]
+    return [(paths, group) for paths, group in groups if group]
+
+
+def _dense_copy(layer: nn.Module, mask: MaskHandle) -> nn.Module:
+    """A copy of the decoder layer with every value the mask changed put back (one layer's memory)."""
+    dense = copy.deepcopy(layer)
+    for name, param in layer.named_parameters():
+        restored = mask.original(param)
+        if not torch.equal(restored, param.detach()):
+            _set_param(dense, name, restored)
+    return dense
+
+
+def _set_param(module: nn.Module, name: str, values: torch.Tensor) -> None:
+    param = module.get_parameter(name)
+    with torch.no_grad():
+        param.copy_(values.to(dtype=param.dtype, device=param.device))
+
+
+@contextmanager
+def _capture_inputs(module: nn.Module, paths: list[str], stats: dict[str, _Moments], path_kind: str) -> Iterator[None]:
+    """Accumulate the inputs of `paths` inside `module`; stop the forward once the last one is seen."""
+    handles = []
+    last = paths[-1]
+    for path in paths:
+
+        def hook(_module, args, _path=path):
+            stats[_path].add(args[0], path_kind)
+            if _path == last:
+                raise _Stop
+
+        handles.append(module.get_submodule(path).register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _layer_inputs(model: nn.Module, first_layer: nn.Module, batches: list[torch.Tensor]):
+    """The hidden states entering the first decoder layer for each batch, and the keyword arguments
+    the model passes to its layers for that batch (positions, masks: the same for every layer):
+    the other positional arguments and the keyword arguments."""
+    hidden, captured = [], []
+
+    def hook(_module, args, kwargs):
+        hidden.append(args[0] if args else kwargs["hidden_states"])
+        captured.append((args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        raise _Stop
+
+    handle = first_layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for ids in batches:
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return hidden, captured
+
+
+def _forward(layer: nn.Module, hidden: torch.Tensor, arguments: tuple[tuple, dict]) -> torch.Tensor:
+    rest, kwargs = arguments
+    output = layer(hidden, *rest, **kwargs)
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _forward_until_captured(layer: nn.Module, hidden: torch.Tensor, arguments: tuple[tuple, dict]) -> None:
+    try:
+        _forward(layer, hidden, arguments)
+    except _Stop:
+        pass

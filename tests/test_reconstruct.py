@@ -1,0 +1,124 @@
+"""Weight reconstruction after removal: closer to the dense model, the same logits masked or sliced, never NaN."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adaprune import ConfigurationError, Pruner
+from adaprune.stages.reconstruct import ReconstructStage
+from conftest import random_batches
+from families import FAMILIES, Shape, build
+
+SHAPE = Shape(layers=3, kv_heads=2, heads_per_group=2, head_dim=8, width=32)
+
+
+def family(name):
+    return next(f for f in FAMILIES if f.name == name)
+
+
+def output_error(model, dense_logits, ids) -> float:
+    with torch.no_grad():
+        return float((model(input_ids=ids).logits - dense_logits).pow(2).mean())
+
+
+@pytest.mark.parametrize("name", [f.name for f in FAMILIES])
+def test_reconstruction_brings_the_model_closer_to_dense_and_mask_equals_slice(name):
+    """On held-out tokens, with the dense model's layer inputs as the target (random weights have
+    nearly uncorrelated features: the kept ones cannot stand in for the removed ones, but the
+    refit still corrects the error that accumulates upstream)."""
+    batches = random_batches(97, count=4, batch=4, seq=16)
+    held_out = random_batches(97, count=1, batch=4, seq=16, seed=7)[0]
+    errors, logits = {}, {}
+    for reconstruct in (False, {"target": "dense"}):
+        model = build(family(name), SHAPE)
+        with torch.no_grad():
+            dense = model(input_ids=held_out).logits
+        pruner = Pruner(model, ratio=0.3, estimators=["activation"], fusion="fine", reconstruct=reconstruct,
+                        mode="mask", progress=False)
+        plan = pruner.plan(batches)
+        pruner.apply(plan)
+        errors[bool(reconstruct)] = output_error(model, dense, held_out)
+        with torch.no_grad():
+            logits[bool(reconstruct)] = model(input_ids=held_out).logits
+        if reconstruct:
+            reconstruct = True
+            report = plan.stages["reconstruct"]
+            assert report["rows"] == 16 and report["layers"], report
+            pruner.restore()  # undoes the refit too
+            with torch.no_grad():
+                torch.testing.assert_close(model(input_ids=held_out).logits, dense, rtol=0, atol=0)
+            sliced = build(family(name), SHAPE)
+            slicer = Pruner(sliced, ratio=0.3, estimators=["activation"], fusion="fine", progress=False,
+                            reconstruct={"target": "dense"})
+            slicer.apply(plan, calibration=batches)
+            with torch.no_grad():
+                torch.testing.assert_close(sliced(input_ids=held_out).logits, logits[True], rtol=1e-4, atol=1e-4)
+            assert sum(p.numel() for p in sliced.parameters()) == plan.params["total_after"]
+    assert errors[True] < errors[False], errors
+
+
+def test_dense_target_and_options_are_recorded():
+    model = build(FAMILIES[0], SHAPE)
+    pruner = Pruner(model, ratio=0.3, estimators=["activation"], fusion="fine", progress=False,
+                    reconstruct={"target": "dense", "damping": 0.1, "samples": 6})
+    plan = pruner.plan(random_batches(97, count=2, batch=4, seq=16))
+    pruner.apply(plan)
+    assert plan.settings["stages"]["reconstruct"] == {"damping": 0.1, "samples": 6, "target": "dense", "bias": True}
+    assert plan.stages["reconstruct"]["rows"] == 6
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_a_singular_system_gets_more_damping_never_nan(monkeypatch):
+    model = build(FAMILIES[0], SHAPE)
+    # One repeated token: every input row is the same, the Gram matrices are rank one; and the first
+    # factorisation of each system is made to fail, as a numerically singular one does.
+    batches = [torch.full((2, 8), 5, dtype=torch.long)]
+    factorise, failed = torch.linalg.cholesky_ex, set()
+
+    def failing_once(matrix):
+        factor, info = factorise(matrix)
+        if matrix.shape not in failed:
+            failed.add(matrix.shape)
+            return factor, torch.ones_like(info)
+        return factor, info
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", failing_once)
+    pruner = Pruner(model, ratio=0.3, estimators=["magnitude"], fusion="fine", progress=False,
+                    reconstruct={"damping": 1e-12})
+    plan = pruner.plan(batches)
+    pruner.apply(plan)
+    report = plan.stages["reconstruct"]
+    assert report["warnings"] and "damping" in report["warnings"][0]
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_without_calibration_it_is_skipped_and_says_so():
+    model = build(FAMILIES[0], SHAPE)
+    pruner = Pruner(model, ratio=0.3, estimators=["magnitude"], fusion="fine", progress=False)
+    plan = pruner.plan()
+    pruner.apply(plan)
+    assert "skipped" in plan.stages["reconstruct"]
+
+
+@pytest.mark.parametrize("options, match", [({"damping": 0}, "damping"), ({"target": "x"}, "target"),
+                                            ({"samples": 0}, "samples"), ({"nope": 1}, "not understood")])
+def test_bad_options_are_refused(options, match):
+    with pytest.raises(ConfigurationError, match=match):
+        Pruner(build(FAMILIES[0], SHAPE), reconstruct=options)
+    assert ReconstructStage().options["target"] == "pruned"
+
+
+def test_the_bias_refit_keeps_the_mean_output_as_flaps_compensation_does():
+    """Layer 0's output projection sees the dense inputs; with a bias, the refit keeps its mean output exactly."""
+    from test_estimators import output_mean
+
+    model = build(family("llama-untied-biased"), SHAPE)
+    batches = random_batches(97, count=2, batch=4, seq=16)
+    first = "model.layers.0.self_attn.o_proj"
+    dense_mean = output_mean(model, batches, first)
+    pruner = Pruner(model, ratio=0.4, estimators=["fluctuation"], fusion="fixed", mode="mask", progress=False)
+    pruner.apply(pruner.plan(batches))
+    torch.testing.assert_close(output_mean(model, batches, first), dense_mean, rtol=1e-4, atol=1e-4)
