@@ -296,6 +296,9 @@ class Pruner:
             for stage in self.stages:
                 with self._timed(stage.name):
                     plan.stages[stage.name] = stage.run(self.model, plan, context)
+            # A stage may add parameters (zero biases a refit then fits): the plan's count stays true.
+            plan.params["total_after"] += sum(int(report.get("parameters_added", 0))
+                                              for report in plan.stages.values())
         except BaseException:
             handle.restore()  # never leave the model half-repaired
             raise

@@ -64,7 +64,8 @@ def test_dense_target_and_options_are_recorded():
                     reconstruct={"target": "dense", "damping": 0.1, "samples": 6})
     plan = pruner.plan(random_batches(97, count=2, batch=4, seq=16))
     pruner.apply(plan)
-    assert plan.settings["stages"]["reconstruct"] == {"damping": 0.1, "samples": 6, "target": "dense", "bias": True}
+    assert plan.settings["stages"]["reconstruct"] == {"damping": 0.1, "samples": 6, "target": "dense", "bias": True,
+                                                      "add_bias": False}
     assert plan.stages["reconstruct"]["rows"] == 6
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
@@ -122,3 +123,37 @@ def test_the_bias_refit_keeps_the_mean_output_as_flaps_compensation_does():
     pruner = Pruner(model, ratio=0.4, estimators=["fluctuation"], fusion="fixed", mode="mask", progress=False)
     pruner.apply(pruner.plan(batches))
     torch.testing.assert_close(output_mean(model, batches, first), dense_mean, rtol=1e-4, atol=1e-4)
+
+
+def test_biases_switched_on_for_a_llama_are_fitted_counted_and_reload(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = build(FAMILIES[0], SHAPE)  # Llama: no biases, but attention_bias / mlp_bias can switch them on
+    batches = random_batches(97, count=2, batch=4, seq=16)
+    pruner = Pruner(model, ratio=0.3, estimators=["activation"], fusion="fine", progress=False, units=["channels"],
+                    reconstruct={"add_bias": True})
+    plan = pruner.plan(batches)
+    pruner.apply(plan)
+    assert model.config.mlp_bias and not model.config.attention_bias  # only the refitted block's switch
+    assert plan.stages["reconstruct"]["parameters_added"] > 0
+    assert sum(p.numel() for p in model.parameters()) == plan.params["total_after"]
+    assert model.model.layers[0].mlp.down_proj.bias.abs().sum() > 0  # fitted, not left at zero
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
+def test_switched_on_biases_go_again_on_restore():
+    model = build(FAMILIES[0], SHAPE)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+    pruner = Pruner(model, ratio=0.3, estimators=["activation"], fusion="fine", progress=False, mode="mask",
+                    reconstruct={"add_bias": True})
+    pruner.apply(pruner.plan(random_batches(97, count=2, batch=4, seq=16)))
+    pruner.restore()
+    assert not model.config.attention_bias and model.model.layers[0].self_attn.q_proj.bias is None
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, dense, rtol=0, atol=0)

@@ -21,6 +21,8 @@ class MaskHandle:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self._saved: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = []
+        self._added_biases: list[nn.Linear] = []
+        self._config: list[tuple[object, str, object]] = []
 
     def zero(self, tensor: torch.Tensor, dim: int, positions: torch.Tensor) -> None:
         positions = positions.to(tensor.device)
@@ -39,6 +41,18 @@ class MaskHandle:
         with torch.no_grad():
             tensor.copy_(values.to(device=tensor.device, dtype=tensor.dtype))
 
+    def add_bias(self, linear: nn.Linear) -> None:
+        """Give `linear` a zero bias (it computes the same); `restore()` takes it away again."""
+        weight = linear.weight
+        linear.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device),
+                                   requires_grad=weight.requires_grad)
+        self._added_biases.append(linear)
+
+    def set_config(self, config: object, key: str, value: object) -> None:
+        """Set a config key, keeping its old value for `restore()`."""
+        self._config.append((config, key, getattr(config, key, None)))
+        setattr(config, key, value)
+
     def original(self, tensor: torch.Tensor) -> torch.Tensor:
         """A copy of `tensor` as it was before the mask (and every change recorded since)."""
         values = tensor.detach().clone()
@@ -50,6 +64,8 @@ class MaskHandle:
     def release(self) -> None:
         """Forget the saved values: the model stays as it is now, and counts as masked no more."""
         self._saved.clear()
+        self._added_biases.clear()
+        self._config.clear()
         if getattr(self.model, MASKED, None) is self:
             delattr(self.model, MASKED)
 
@@ -57,6 +73,10 @@ class MaskHandle:
         with torch.no_grad():
             for tensor, dim, positions, values in reversed(self._saved):
                 tensor.index_copy_(dim, positions, values)
+        for linear in reversed(self._added_biases):
+            linear.bias = None
+        for config, key, value in reversed(self._config):
+            setattr(config, key, value)
         self.release()
 
 

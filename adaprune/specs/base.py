@@ -157,6 +157,10 @@ class ArchSpec(ABC):
     #: The blocks that may be removed whole (see `Block`); None: this family cannot drop that block.
     attention_block: ClassVar[Block | None] = None
     mlp_block: ClassVar[Block | None] = None
+    #: Config keys that give every projection of a block a bias (Llama's `attention_bias`,
+    #: `mlp_bias`): a stage that needs a bias the model lacks may add zero biases to the whole
+    #: block in every layer and set the key, which the stock config then describes.
+    bias_switches: ClassVar[dict[BlockKind, str]] = {}
 
     def removable_blocks(self) -> dict[BlockKind, Block]:
         """The blocks this family can remove whole, by kind."""

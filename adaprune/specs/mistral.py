@@ -12,3 +12,4 @@ class MistralSpec(LlamaSpec):
     name = "mistral"
     model_types = ("mistral",)
     architectures = ("MistralForCausalLM",)
+    bias_switches = {}  # its biases are fixed by the modeling code, not switched by the config

@@ -13,3 +13,4 @@ class Qwen2Spec(LlamaSpec):
     name = "qwen2"
     model_types = ("qwen2",)
     architectures = ("Qwen2ForCausalLM",)
+    bias_switches = {}  # its biases are fixed by the modeling code, not switched by the config

@@ -39,6 +39,7 @@ from ..errors import ConfigurationError
 from ..plan import Plan
 from ..units.model_state import frozen
 from ..units.table import LayerUnits
+from ..vocabulary import BlockKind
 from .base import Stage, StageContext
 
 TARGETS = ("pruned", "dense")
@@ -65,12 +66,16 @@ class ReconstructStage(Stage):
     Options: `damping` (ridge, relative to the mean diagonal of the kept Gram matrix), `samples`
     (calibration rows used at most), `target` (``"pruned"``: match the dense layer on the pruned
     model's own inputs; ``"dense"``: match the dense model's layer outputs), `bias` (fit the bias
-    where the projection has one).
+    where the projection has one), `add_bias` (where a refitted projection has no bias but the family's
+    config can switch them on for its block, as Llama's `attention_bias`/`mlp_bias` do: add zero
+    biases to that block in every layer, so that the refit can fit them; the stock config then
+    describes the model, which has a few more parameters: recorded as `parameters_added`).
     """
 
     name = "reconstruct"
 
-    def __init__(self, damping: float = 0.01, samples: int = 64, target: str = "pruned", bias: bool = True):
+    def __init__(self, damping: float = 0.01, samples: int = 64, target: str = "pruned", bias: bool = True,
+                 add_bias: bool = False):
         if not isinstance(damping, (int, float)) or isinstance(damping, bool) or not damping > 0 \
                 or not math.isfinite(damping):
             raise ConfigurationError(f"reconstruct damping must be a positive number, got {damping!r}.")
@@ -79,10 +84,12 @@ class ReconstructStage(Stage):
         if target not in TARGETS:
             raise ConfigurationError(f"reconstruct target must be one of {TARGETS}, got {target!r}.")
         self.damping, self.samples, self.target, self.bias = float(damping), samples, target, bool(bias)
+        self.add_bias = bool(add_bias) and self.bias
 
     @property
     def options(self) -> dict[str, Any]:
-        return {"damping": self.damping, "samples": self.samples, "target": self.target, "bias": self.bias}
+        return {"damping": self.damping, "samples": self.samples, "target": self.target, "bias": self.bias,
+                "add_bias": self.add_bias}
 
     def run(self, model: nn.Module, plan: Plan, context: StageContext) -> dict[str, Any]:
         rows = [row for batch in context.batches for row in batch.split(1)][: self.samples]
@@ -94,7 +101,8 @@ class ReconstructStage(Stage):
         device = next(model.parameters()).device
         batches = [torch.cat(rows[i:i + 8]).to(device) for i in range(0, len(rows), 8)]
         report: dict[str, Any] = {**self.options, "rows": len(rows), "tokens": sum(b.numel() for b in batches),
-                                  "layers": [], "warnings": []}
+                                  "layers": [], "warnings": [],
+                                  "parameters_added": self._add_biases(model, plan, units, by_layer, context.mask)}
         with frozen(model), torch.no_grad():
             hidden, kwargs = _layer_inputs(model, layers[0], batches)
             dense_hidden = [h.clone() for h in hidden] if self.target == "dense" else None
@@ -113,6 +121,32 @@ class ReconstructStage(Stage):
                     dense_hidden = [_forward(dense_layer, h, k) for h, k in zip(dense_hidden, kwargs)]
                 hidden = [_forward(layer, h, k) for h, k in zip(hidden, kwargs)]
         return report
+
+    def _add_biases(self, model: nn.Module, plan: Plan, units, by_layer: dict[int, list[_Projection]],
+                    mask: MaskHandle) -> int:
+        """Switch biases on for each block whose refitted projections lack one, where the config can.
+
+        Returns the bias entries the pruned model will keep (rows the plan removes take theirs along).
+        """
+        if not self.add_bias:
+            return 0
+        spec, added = units.spec, 0
+        kept_rows = {path: len(kept) for path, _, axis, kept in pruned_positions(plan, units, model) if axis == "out"}
+        for kind, key in spec.bias_switches.items():
+            lacking = [p for layer in units for p in by_layer.get(layer.index, [])
+                       if p.linear.bias is None and p.inner in _block_paths(spec, layer, kind)]
+            if not lacking:
+                continue
+            for layer, layer_plan, module in zip(units, plan.layers, spec.decoder_layers(model)):
+                if kind in layer.shape.removed_blocks() or kind in layer_plan.removed_blocks():
+                    continue
+                for path in _block_paths(spec, layer, kind):
+                    linear = module.get_submodule(path)
+                    if linear.bias is None:
+                        mask.add_bias(linear)
+                        added += kept_rows.get(f"{layer.path}.{path}", linear.out_features)
+            mask.set_config(model.config, key, True)
+        return added
 
     # ---- one group of projections (the attention's, then the MLP's) ----------------------------------
     def _refit(self, layer: nn.Module, dense_layer: nn.Module, block: list[str], group: list[_Projection], hidden,
@@ -222,12 +256,18 @@ def _projections_by_layer(plan: Plan, units, model: nn.Module) -> dict[int, list
     return result
 
 
+def _block_paths(spec, layer: LayerUnits, kind: BlockKind) -> list[str]:
+    """The paths, inside the decoder layer, of every projection of its `kind` block."""
+    if kind is BlockKind.ATTENTION:
+        return [p.path for p in spec.attention_projections(layer.shape.attention)]
+    return [p.path for p in spec.mlp_projections(layer.shape.mlp_width)]
+
+
 def _in_order(projections: list[_Projection], layer: LayerUnits, spec) -> list[tuple[list[str], list[_Projection]]]:
     """The layer's projections grouped by block, attention first (the MLP reads its output), each
     with the paths of every projection of its block."""
-    attention = [p.path for p in spec.attention_projections(layer.shape.attention)]
-    mlp = [p.path for p in spec.mlp_projections(layer.shape.mlp_width)]
-    groups = [(paths, [p for p in projections if p.inner in paths]) for paths in (attention, mlp)]
+    groups = [(paths, [p for p in projections if p.inner in paths])
+              for paths in (_block_paths(spec, layer, kind) for kind in (BlockKind.ATTENTION, BlockKind.MLP))]
     return [(paths, group) for paths, group in groups if group]
 
 

@@ -85,7 +85,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     estimators = [{"name": name, **json.loads(args.estimator_options or "{}").get(name, {})}
                   for name in args.estimators.split(",")]
     pruner = Pruner(model, ratio=args.ratio, estimators=estimators, fusion=args.fusion,
-                    fusion_options=json.loads(args.fusion_options or "{}"), allocation=args.allocation, units=args.units.split(","), mode="slice", layers=args.layers,
+                    fusion_options=json.loads(args.fusion_options or "{}"),
+                    reconstruct=json.loads(args.reconstruct_options) if args.reconstruct and args.reconstruct_options
+                    else args.reconstruct, allocation=args.allocation, units=args.units.split(","), mode="slice", layers=args.layers,
                     multiple=args.multiple)
     plan = pruner.plan(batches)
     pruner.apply(plan)
@@ -188,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--layers", default=DEFAULTS.layers,
                        help='eligible layers: "start:stop", or one index (default all)')
     prune.add_argument("--multiple", type=int, default=DEFAULTS.multiple, help="round kept MLP widths to this multiple")
+    prune.add_argument("--no-reconstruct", dest="reconstruct", action="store_false", default=bool(DEFAULTS.reconstruct),
+                       help="skip the weight reconstruction after the cut (on by default)")
+    prune.add_argument("--reconstruct-options", default=None,
+                       help='JSON options of the reconstruction, e.g. \'{"damping": 0.01, "target": "dense"}\'')
     prune.add_argument("--calib", default=None,
                        help="calibration text: JSON list of strings or text split on blank lines "
                             "(default: the Wikipedia calibration split)")

@@ -1,0 +1,198 @@
+"""Quality per parameter, side by side in one run: adaprune's default against FLAP's and LLM-Pruner's recipes.
+
+    python benchmarks/quality_benchmark.py                      # both ratios, everything (about an hour on 2 cores)
+    python benchmarks/quality_benchmark.py --quick              # a smoke run: tiny sizes, minutes
+
+SmolLM2-135M-Instruct; calibration from the Wikipedia calibration split; evaluation on the
+disjoint Wikipedia test split and on the two texts of ../shared/data/text/ (other domains, test
+only), in windows of 128 and 512 tokens, and on the zero-shot suite (adaprune/suites). Per
+ratio (fraction of the prunable parameters removed):
+
+1. ``default, no reconstruction``: adaprune's defaults with ``reconstruct=False``;
+2. ``default``: adaprune's defaults (weight reconstruction on);
+3. ``default + recovery``: then LoRA recovery (adaprune.recover) on calibration text;
+4. ``FLAP recipe``: fluctuation scores, global allocation (FLAP's adaptive structure), and the
+   compensation FLAP's bias gives where the model has one (Llama has none: reconstruction
+   without bias stands in; see the table's note);
+5. ``LLM-Pruner recipe``: element-wise first-order Taylor from 10 x 64 tokens, the same ratio in
+   layers 4:-2, no reconstruction; 6. ``LLM-Pruner recipe + LoRA``: then its LoRA recovery.
+
+Every configuration prunes a fresh copy of the dense model. Results: benchmarks/results/quality.{json,md},
+rewritten after every configuration so that an interrupted run leaves what it finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle threads sleep: the 2 cores are shared
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adaprune import Pruner
+from adaprune.io import write_text
+from adaprune.tools.data import _token_stream, load_smollm2, test_token_stream, token_batches, wiki_texts
+from adaprune.tools.evaluate import perplexity
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fusion_benchmark import PeakRSS  # noqa: E402  (the same memory probe)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+TEXTS = {"wiki": None, "debian": SHARED / "text" / "debian-reference.txt", "fortunes": SHARED / "text" / "fortunes.txt"}
+
+
+def streams(tokenizer, args) -> dict[str, torch.Tensor]:
+    """Token streams of each evaluation text, long enough for the windows asked."""
+    needed = max(args.windows * 128, args.windows_512 * 512)
+    out = {"wiki": test_token_stream(tokenizer, max_tokens=needed)}
+    for name, path in TEXTS.items():
+        if path is not None and path.is_file():
+            text = path.read_text(errors="replace")
+            documents = [part for part in text.split("\n\n") if part.strip()]
+            out[name] = torch.tensor(_token_stream(tokenizer, documents, max_tokens=needed), dtype=torch.long)
+    return out
+
+
+def evaluate(model, tokenizer, texts: dict[str, torch.Tensor], args) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for name, ids in texts.items():
+        result[f"{name}_ppl128"] = perplexity(model, ids, seq_len=128, max_windows=args.windows)["perplexity"]
+        if args.windows_512:
+            result[f"{name}_ppl512"] = perplexity(model, ids, seq_len=512, max_windows=args.windows_512,
+                                                  batch_size=2)["perplexity"]
+    if args.suite_items:
+        try:
+            from adaprune.tools.suite import evaluate_suite
+        except ImportError:
+            evaluate_suite = None
+        if evaluate_suite is not None:
+            suite = evaluate_suite(model, tokenizer, "zero_shot", limit=args.suite_items)
+            result["suite_average"] = suite["average"]
+            result["suite"] = {task: {k: v for k, v in r.items() if k in ("accuracy", "accuracy_norm", "items")}
+                               for task, r in suite["tasks"].items()}
+    return result
+
+
+def recover_model(model, dense, batches, args) -> dict[str, Any]:
+    from adaprune.stages.recover import recover
+
+    start = time.perf_counter()
+    record: dict[str, Any] = {}
+    recover(model, batches, steps=args.recovery_steps, objective=args.recovery_objective,
+            teacher=dense if args.recovery_objective == "kl" else None, progress=True, record=record)
+    return {"recovery_seconds": round(time.perf_counter() - start, 1), "recovery": record}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ratios", default="0.2,0.5")
+    parser.add_argument("--calib-samples", type=int, default=64, help="calibration samples of 128 tokens")
+    parser.add_argument("--windows", type=int, default=64, help="evaluation windows of 128 tokens per text")
+    parser.add_argument("--windows-512", type=int, default=16, help="evaluation windows of 512 tokens per text")
+    parser.add_argument("--suite-items", type=int, default=100, help="items per zero-shot task (0 skips it)")
+    parser.add_argument("--recovery-steps", type=int, default=200)
+    parser.add_argument("--recovery-objective", default="kl", choices=("kl", "lm"))
+    parser.add_argument("--configs", default=None, help="comma-separated subset of the configuration labels")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--out", default=str(RESULTS / "quality"))
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.calib_samples, args.windows, args.windows_512, args.suite_items, args.recovery_steps = 8, 4, 1, 5, 4
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    started = time.perf_counter()
+    dense, tokenizer = load_smollm2()
+    texts_ = wiki_texts("calibration")
+    calibration = token_batches(tokenizer, texts_, seq_len=128, num_samples=args.calib_samples, batch_size=4)
+    llm_pruner_calibration = token_batches(tokenizer, texts_, seq_len=64, num_samples=10, batch_size=10)
+    texts = streams(tokenizer, args)
+    meta = {"command": " ".join(["quality_benchmark.py", *(argv if argv is not None else sys.argv[1:])]),
+            "calibration": f"{args.calib_samples} x 128 Wikipedia calibration tokens (LLM-Pruner: 10 x 64)",
+            "evaluation": f"{args.windows} windows of 128 and {args.windows_512} of 512 tokens per text; "
+                          f"suite: first {args.suite_items} items per task", "threads": args.threads,
+            "defaults": Pruner.__init__.__defaults__ and None, "finished": False}
+    rows: list[dict[str, Any]] = []
+    out = Path(args.out)
+    wanted = set(args.configs.split(",")) if args.configs else None
+
+    def record(row: dict[str, Any]) -> None:
+        rows.append(row)
+        meta["wall_seconds"] = round(time.perf_counter() - started, 1)
+        write_results({"meta": meta, "results": rows}, out)
+        print(f"[{meta['wall_seconds'] / 60:5.1f} min] {row['ratio']:g} {row['config']:28s} "
+              + " ".join(f"{k} {v:.2f}" for k, v in row.items() if k.endswith(("ppl128", "average"))), flush=True)
+
+    with PeakRSS() as memory:
+        row = {"config": "dense", "ratio": 0.0, "params": sum(p.numel() for p in dense.parameters())}
+        row.update(evaluate(dense, tokenizer, texts, args))
+    record({**row, "peak_rss_mb": round(memory.peak / 2**20, 1)})
+
+    def run(label: str, ratio: float, batches, recovery: bool = False, **settings) -> None:
+        if wanted and label not in wanted:
+            return
+        model = copy.deepcopy(dense)
+        with PeakRSS() as memory:
+            start = time.perf_counter()
+            pruner = Pruner(model, ratio=ratio, progress=True, **settings)
+            plan = pruner.plan(batches)
+            pruner.apply(plan)
+            row = {"config": label, "ratio": ratio, "prune_seconds": round(time.perf_counter() - start, 1),
+                   "params": sum(p.numel() for p in model.parameters()),
+                   "prunable_fraction_removed": plan.params["prunable_fraction_removed"],
+                   "settings": plan.settings, "stage_seconds": pruner.timings}
+            if recovery:
+                row.update(recover_model(model, dense, calibration, args))
+        row.update(evaluate(model, tokenizer, texts, args))
+        record({**row, "peak_rss_mb": round(memory.peak / 2**20, 1)})
+        del model
+
+    for ratio in [float(r) for r in args.ratios.split(",")]:
+        run("default, no reconstruction", ratio, calibration, reconstruct=False)
+        run("default", ratio, calibration)
+        run("default + recovery", ratio, calibration, recovery=True)
+        run("FLAP recipe", ratio, calibration, estimators=["fluctuation"], fusion="coarse", allocation="global")
+        llm = dict(estimators=["taylor"], fusion="fine", allocation="uniform", layers="4:-2", reconstruct=False)
+        run("LLM-Pruner recipe", ratio, llm_pruner_calibration, **llm)
+        run("LLM-Pruner recipe + LoRA", ratio, llm_pruner_calibration, recovery=True, **llm)
+    meta["finished"] = True
+    write_results({"meta": meta, "results": rows}, out)
+    return 0
+
+
+def write_results(payload: dict[str, Any], out: Path) -> None:
+    write_text(out.with_suffix(".json"), json.dumps(payload, indent=1, default=str))
+    rows = payload["results"]
+    dense = next((r for r in rows if r["config"] == "dense"), None)
+    columns = [k for k in ("wiki_ppl128", "wiki_ppl512", "debian_ppl128", "debian_ppl512", "fortunes_ppl128",
+                           "fortunes_ppl512", "suite_average") if any(k in r for r in rows)]
+    lines = ["# Quality benchmark: SmolLM2-135M-Instruct", "", f"Command: `{payload['meta']['command']}`. "
+             f"{payload['meta']['calibration']}; {payload['meta']['evaluation']}.", "",
+             "Perplexity (lower is better) with its multiple of dense in brackets; suite: average accuracy.", "",
+             "| ratio | configuration | params | " + " | ".join(columns) + " | prune s | recovery s | peak RSS MB |",
+             "|---|---|---:|" + "---:|" * len(columns) + "---:|---:|---:|"]
+    for r in rows:
+        cells = []
+        for key in columns:
+            value = r.get(key)
+            if value is None:
+                cells.append("–")
+            elif key == "suite_average":
+                cells.append(f"{100 * value:.1f}")
+            else:
+                cells.append(f"{value:.2f}" + (f" ({value / dense[key]:.2f}x)" if dense and key in dense else ""))
+        lines.append(f"| {r['ratio']:g} | {r['config']} | {r['params']:,} | " + " | ".join(cells)
+                     + f" | {r.get('prune_seconds', '–')} | {r.get('recovery_seconds', '–')} | {r.get('peak_rss_mb', '–')} |")
+    write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
