@@ -123,7 +123,8 @@ def run_config(dense, tokenizer, test_ids, args, *, label, ratio, allocation, fu
     with PeakRSS() as memory:
         start = time.perf_counter()
         # The estimator named here is only recorded in the plan: the scores come from the shared pass.
-        pruner = Pruner(model, ratio=ratio, estimators=[{"name": "taylor", "order": order}], fusion=fusion,
+        # Reconstruction off: this benchmark compares the fusions alone (quality_benchmark.py has the rest).
+        pruner = Pruner(model, ratio=ratio, estimators=[{"name": "taylor", "order": order}], fusion=fusion, reconstruct=False,
                         fusion_options=options, allocation=allocation, layers=layers, mode="slice", progress=True)
         plan = pruner.plan(calibration, scores=scores)
         pruner.apply(plan)

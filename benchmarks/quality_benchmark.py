@@ -75,20 +75,23 @@ def evaluate(model, tokenizer, texts: dict[str, torch.Tensor], args) -> dict[str
             evaluate_suite = None
         if evaluate_suite is not None:
             suite = evaluate_suite(model, tokenizer, "zero_shot", limit=args.suite_items)
-            result["suite_average"] = suite["average"]
-            result["suite"] = {task: {k: v for k, v in r.items() if k in ("accuracy", "accuracy_norm", "items")}
-                               for task, r in suite["tasks"].items()}
+            result["suite_average"], result["suite_average_stderr"] = suite["average"], suite["average_stderr"]
+            result["suite"] = {r["name"]: {k: r[k] for k in ("metric", "score", "accuracy", "accuracy_norm", "items")}
+                               for r in suite["tasks"]}
     return result
 
 
 def recover_model(model, dense, batches, args) -> dict[str, Any]:
-    from adaprune.stages.recover import recover
+    from adaprune.stages.recover import RecoveryReport, recover
 
     start = time.perf_counter()
-    record: dict[str, Any] = {}
+    report = RecoveryReport()
     recover(model, batches, steps=args.recovery_steps, objective=args.recovery_objective,
-            teacher=dense if args.recovery_objective == "kl" else None, progress=True, record=record)
-    return {"recovery_seconds": round(time.perf_counter() - start, 1), "recovery": record}
+            batch_size=args.recovery_batch, teacher=dense if args.recovery_objective == "kl" else None,
+            progress=True, report=report)
+    record = report.to_dict()
+    return {"recovery_seconds": round(time.perf_counter() - start, 1),
+            "recovery": {k: record[k] for k in ("steps", "tokens", "seconds", "settings", "losses")}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,15 +103,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suite-items", type=int, default=100, help="items per zero-shot task (0 skips it)")
     parser.add_argument("--recovery-steps", type=int, default=200)
     parser.add_argument("--recovery-objective", default="kl", choices=("kl", "lm"))
+    parser.add_argument("--recovery-batch", type=int, default=1, help="calibration rows per recovery step")
     parser.add_argument("--configs", default=None, help="comma-separated subset of the configuration labels")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--out", default=str(RESULTS / "quality"))
+    parser.add_argument("--save", default=None, help="also save every pruned model under this folder")
+    parser.add_argument("--add-suite", action="store_true",
+                        help="only evaluate the zero-shot suite on the models --save kept, into the --out results")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
         args.calib_samples, args.windows, args.windows_512, args.suite_items, args.recovery_steps = 8, 4, 1, 5, 4
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.add_suite:
+        return add_suite(args)
     started = time.perf_counter()
     dense, tokenizer = load_smollm2()
     texts_ = wiki_texts("calibration")
@@ -134,37 +143,77 @@ def main(argv: list[str] | None = None) -> int:
     with PeakRSS() as memory:
         row = {"config": "dense", "ratio": 0.0, "params": sum(p.numel() for p in dense.parameters())}
         row.update(evaluate(dense, tokenizer, texts, args))
-    record({**row, "peak_rss_mb": round(memory.peak / 2**20, 1)})
+    record({**row, "peak_rss_mb": round(memory.peak / 2**20, 1), "saved": "dense"})
 
-    def run(label: str, ratio: float, batches, recovery: bool = False, **settings) -> None:
-        if wanted and label not in wanted:
+    def run(label: str, ratio: float, batches, recovered: str | None = None, unreconstructed: str | None = None,
+            **settings) -> None:
+        """Plan once with `settings`, apply to a fresh copy and evaluate; with `unreconstructed`, also apply the
+        same plan without reconstruction; with `recovered`, also recover the pruned model and evaluate again."""
+        if wanted and not wanted & {label, recovered, unreconstructed}:
             return
-        model = copy.deepcopy(dense)
-        with PeakRSS() as memory:
-            start = time.perf_counter()
-            pruner = Pruner(model, ratio=ratio, progress=True, **settings)
-            plan = pruner.plan(batches)
-            pruner.apply(plan)
-            row = {"config": label, "ratio": ratio, "prune_seconds": round(time.perf_counter() - start, 1),
-                   "params": sum(p.numel() for p in model.parameters()),
-                   "prunable_fraction_removed": plan.params["prunable_fraction_removed"],
-                   "settings": plan.settings, "stage_seconds": pruner.timings}
-            if recovery:
-                row.update(recover_model(model, dense, calibration, args))
-        row.update(evaluate(model, tokenizer, texts, args))
-        record({**row, "peak_rss_mb": round(memory.peak / 2**20, 1)})
+        start = time.perf_counter()
+        planner = Pruner(dense, ratio=ratio, progress=True, **settings)
+        plan = planner.plan(batches)
+        planning = time.perf_counter() - start
+        variants = [(unreconstructed, False)] if unreconstructed else []
+        for name, reconstruct in variants + [(label, settings.get("reconstruct", True))]:
+            model = copy.deepcopy(dense)
+            with PeakRSS() as memory:
+                start = time.perf_counter()
+                pruner = Pruner(model, ratio=ratio, progress=True, **{**settings, "reconstruct": reconstruct})
+                pruner.apply(plan, calibration=batches)
+                row = {"config": name, "ratio": ratio, "prune_seconds": round(planning + time.perf_counter() - start, 1),
+                       "params": sum(p.numel() for p in model.parameters()),
+                       "prunable_fraction_removed": plan.params["prunable_fraction_removed"],
+                       "settings": {**plan.settings, "stages": pruner.settings()["stages"]},
+                       "stage_seconds": {**planner.timings, **pruner.timings}}
+            finish(model, {**row, "peak_rss_mb": round(memory.peak / 2**20, 1)})
+        if recovered:
+            with PeakRSS() as memory:
+                row = {**row, "config": recovered, **recover_model(model, dense, calibration, args)}
+            finish(model, {**row, "peak_rss_mb": round(memory.peak / 2**20, 1)})
         del model
 
+    def finish(model, row: dict[str, Any]) -> None:
+        row.update(evaluate(model, tokenizer, texts, args))
+        if args.save:
+            name = row["config"].replace(" ", "_").replace(",", "").replace("+", "and")
+            folder = Path(args.save) / f"{row['ratio']:g}-{name}"
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            row["saved"] = str(folder)
+        record(row)
+
     for ratio in [float(r) for r in args.ratios.split(",")]:
-        run("default, no reconstruction", ratio, calibration, reconstruct=False)
-        run("default", ratio, calibration)
-        run("default + recovery", ratio, calibration, recovery=True)
+        run("default", ratio, calibration, recovered="default + recovery", unreconstructed="default, no reconstruction")
         run("FLAP recipe", ratio, calibration, estimators=["fluctuation"], fusion="coarse", allocation="global")
-        llm = dict(estimators=["taylor"], fusion="fine", allocation="uniform", layers="4:-2", reconstruct=False)
-        run("LLM-Pruner recipe", ratio, llm_pruner_calibration, **llm)
-        run("LLM-Pruner recipe + LoRA", ratio, llm_pruner_calibration, recovery=True, **llm)
+        run("LLM-Pruner recipe", ratio, llm_pruner_calibration, recovered="LLM-Pruner recipe + LoRA",
+            estimators=["taylor"], fusion="fine", allocation="uniform", layers="4:-2", reconstruct=False)
     meta["finished"] = True
     write_results({"meta": meta, "results": rows}, out)
+    return 0
+
+
+def add_suite(args) -> int:
+    """The zero-shot suite on every model a run saved, written into that run's results."""
+    from transformers import AutoModelForCausalLM
+
+    from adaprune.tools.suite import evaluate_suite
+
+    out = Path(args.out)
+    payload = json.loads(out.with_suffix(".json").read_text())
+    dense, tokenizer = load_smollm2()
+    for row in payload["results"]:
+        if "saved" not in row or "suite_average" in row:
+            continue
+        model = dense if row["saved"] == "dense" else AutoModelForCausalLM.from_pretrained(
+            row["saved"], trust_remote_code=True).eval()
+        suite = evaluate_suite(model, tokenizer, "zero_shot", limit=args.suite_items or None)
+        row["suite_average"], row["suite_average_stderr"] = suite["average"], suite["average_stderr"]
+        row["suite"] = {r["name"]: {k: r[k] for k in ("metric", "score", "accuracy", "accuracy_norm", "items")}
+                        for r in suite["tasks"]}
+        write_results(payload, out)
+        print(f"{row['ratio']:g} {row['config']}: suite {100 * row['suite_average']:.1f}", flush=True)
     return 0
 
 

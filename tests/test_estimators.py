@@ -178,7 +178,8 @@ def test_compensation_keeps_the_mean_output_and_masked_equals_sliced(tmp_path):
         dense_logits = model(input_ids=ids).logits
     dense_mean = output_mean(model, batches, first)
     # Without reconstruction: its bias refit would keep the mean on its own (see test_reconstruct.py).
-    pruner = Pruner(model, ratio=0.4, estimators=COMPENSATED, fusion="fixed", reconstruct=False, progress=False)
+    pruner = Pruner(model, ratio=0.4, estimators=COMPENSATED, fusion="fixed", allocation="uniform", reconstruct=False,
+                    progress=False)
     plan = pruner.plan(batches)
     assert {entry["projection"] for entry in plan.compensation} >= {first}
     plan.save(tmp_path / "plan.json")
@@ -191,7 +192,8 @@ def test_compensation_keeps_the_mean_output_and_masked_equals_sliced(tmp_path):
     pruner.restore()
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, dense_logits, rtol=0, atol=0)
-    uncompensated = Pruner(model, ratio=0.4, estimators=["fluctuation"], fusion="fixed", reconstruct=False,
+    uncompensated = Pruner(model, ratio=0.4, estimators=["fluctuation"], fusion="fixed", allocation="uniform",
+                           reconstruct=False,
                            progress=False)
     uncompensated.apply(uncompensated.plan(batches), mode="mask")
     assert not torch.allclose(output_mean(model, batches, first), dense_mean, rtol=1e-4, atol=1e-4)

@@ -13,8 +13,9 @@ FAST = {"steps": 6, "eval_every": 3, "batch_size": 8}
 
 
 def adaptive_pruner(model, **options):
+    # Uniform allocation: the fixed-count case (test_trains_under_global_allocation has the other).
     return Pruner(model, ratio=0.5, estimators=[{"name": "taylor", "order": 2}], fusion="adaptive",
-                  fusion_options={**FAST, **options}, progress=False)
+                  fusion_options={**FAST, **options}, allocation="uniform", progress=False)
 
 
 def site_weights(plan):

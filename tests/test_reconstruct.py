@@ -125,13 +125,14 @@ def test_the_bias_refit_keeps_the_mean_output_as_flaps_compensation_does():
     torch.testing.assert_close(output_mean(model, batches, first), dense_mean, rtol=1e-4, atol=1e-4)
 
 
-def test_biases_switched_on_for_a_llama_are_fitted_counted_and_reload(tmp_path):
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_biases_switched_on_for_a_llama_are_fitted_counted_and_reload(tmp_path, allocation):
     from transformers import AutoModelForCausalLM
 
     model = build(FAMILIES[0], SHAPE)  # Llama: no biases, but attention_bias / mlp_bias can switch them on
     batches = random_batches(97, count=2, batch=4, seq=16)
     pruner = Pruner(model, ratio=0.3, estimators=["activation"], fusion="fine", progress=False, units=["channels"],
-                    reconstruct={"add_bias": True})
+                    allocation=allocation, reconstruct={"add_bias": True})
     plan = pruner.plan(batches)
     pruner.apply(plan)
     assert model.config.mlp_bias and not model.config.attention_bias  # only the refitted block's switch
@@ -139,7 +140,8 @@ def test_biases_switched_on_for_a_llama_are_fitted_counted_and_reload(tmp_path):
     assert sum(p.numel() for p in model.parameters()) == plan.params["total_after"]
     assert model.model.layers[0].mlp.down_proj.bias.abs().sum() > 0  # fitted, not left at zero
     model.save_pretrained(tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    # Per-layer shapes (global) reload through the generated modeling file; uniform with the stock classes.
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=allocation == "global").eval()
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)

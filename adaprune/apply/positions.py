@@ -9,13 +9,14 @@ from torch import nn
 
 from ..errors import PlanError
 from ..plan import Plan, kept_positions
+from ..specs.base import stock_class
 from ..units.table import UnitTable
 from ..vocabulary import BlockKind
 
 
 def check(plan: Plan, model: nn.Module, units: UnitTable) -> None:
     """Raise PlanError unless `plan` fits `model` exactly. Touches nothing."""
-    plan.validate(type(model).__name__, units.shapes)
+    plan.validate(stock_class(type(model)).__name__, units.shapes)
     removable = units.spec.removable_blocks()
     for layer_plan in plan.layers:
         for kind in layer_plan.removed_blocks():

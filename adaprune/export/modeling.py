@@ -23,7 +23,7 @@ from transformers.dynamic_module_utils import get_relative_import_files
 
 from ..apply.removed_block import RemovedBlock, remove_block
 from ..io import cache_dir
-from ..specs.base import ArchSpec
+from ..specs.base import ArchSpec, stock_class
 
 TEMPLATE = "export/templates/modeling_heterogeneous.py.template"
 
@@ -74,12 +74,6 @@ def _is_remote(cls: type) -> bool:
 def _import_source(cls: type) -> str:
     """Where the generated file imports `cls` from: transformers, or the family's file next to it."""
     return "." + cls.__module__.rpartition(".")[2] if _is_remote(cls) else "transformers"
-
-
-def stock_class(cls: type) -> type:
-    while cls.__module__.rpartition(".")[2].startswith("modeling_adapruned_"):
-        cls = cls.__bases__[0]
-    return cls
 
 
 def _import_generated(module_name: str, source: str, package: str = "", remote_files: Sequence[Path] = ()):

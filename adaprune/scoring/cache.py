@@ -23,6 +23,7 @@ from torch import nn
 from ..errors import ConfigurationError
 from ..estimators.base import Estimator, Scores
 from ..io import atomic_path
+from ..specs.base import stock_class
 from ..units.table import UnitTable
 from ..vocabulary import Level
 
@@ -32,7 +33,7 @@ SCORES_VERSION = 1
 
 def fingerprint(model: nn.Module, table: UnitTable) -> dict[str, Any]:
     """What a cache (and a plan) must match: the model's class, its family and every layer's shape."""
-    return {"architecture": type(model).__name__, "family": table.spec.name,
+    return {"architecture": stock_class(type(model)).__name__, "family": table.spec.name,
             "shapes": [shape.to_dict() for shape in table.shapes]}
 
 

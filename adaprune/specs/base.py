@@ -104,6 +104,12 @@ def channel_owners(width: int) -> tuple[Owner, ...]:
     return tuple((Level.CHANNEL, c) for c in range(width))
 
 
+def stock_class(cls: type) -> type:
+    while cls.__module__.rpartition(".")[2].startswith("modeling_adapruned_"):
+        cls = cls.__bases__[0]
+    return cls
+
+
 def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
