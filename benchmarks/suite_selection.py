@@ -8,7 +8,7 @@ whose 900-token instruction precedes every item, is cut) with BIG-bench's own ze
 input (what ``adaprune eval --mc`` scores), for comparison only. The rule, fixed before measuring:
 
 - metric: raw accuracy when every item offers the same labels (yes/no, True/False, ...), length-
-  normalised accuracy when the choices are free text that differs per item (``suite.choose_metric``);
+  normalised accuracy when the choices are free text that differs per item (``adaprune.tools.suite.choose_metric``);
 - baseline: the chance level (mean of #correct / #choices), or for fixed labels the better of that and
   always giving the most frequent right label (``suite.constant_baseline``);
 - keep a task when its metric exceeds the baseline by at least 3 of its standard errors, with the
@@ -33,9 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from adaprune import io  # noqa: E402
-from adaprune.data import load_smollm2  # noqa: E402
-from adaprune.evaluate import multiple_choice  # noqa: E402
-from adaprune.suite import (SUITES_DIR, chance_level, choose_metric, constant_baseline,  # noqa: E402
+from adaprune.tools.data import load_smollm2  # noqa: E402
+from adaprune.tools.evaluate import multiple_choice  # noqa: E402
+from adaprune.tools.suite import (SUITES_DIR, chance_level, choose_metric, constant_baseline,  # noqa: E402
                             default_data_dir, load_task_examples)
 
 RESULTS = ROOT / "benchmarks" / "results"

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import torch
 
-from .errors import AdapruneError
+from ..errors import AdapruneError
 
 __all__ = [
     "DATA_ENV", "Suite", "SuiteTask", "available_suites", "chance_level", "check_suite_files", "choose_metric", "constant_baseline",
@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 DATA_ENV = "ADAPRUNE_DATA"
-SUITES_DIR = Path(__file__).resolve().parent / "suites"
+SUITES_DIR = Path(__file__).resolve().parents[1] / "suites"  # adaprune/suites/
 Metric = Literal["accuracy", "accuracy_norm"]
 PromptFormat = Literal["bigbench", "plain"]
 METRICS: tuple[str, ...] = ("accuracy", "accuracy_norm")
