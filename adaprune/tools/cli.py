@@ -106,7 +106,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Perplexity over non-overlapping windows of a text file, and optionally multiple-choice accuracy."""
+    """Perplexity over windows of a text file, multiple-choice accuracy, the zero-shot suite, lm-eval tasks."""
     from .data import _token_stream
     from .evaluate import load_mc_task, multiple_choice, perplexity
 
@@ -117,6 +117,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
                           ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             raise AdapruneError(f"{option} must be a positive number, got {value}.")
+    if args.mc and args.text is None:
+        raise AdapruneError("--mc is scored beside the perplexity of --text; give --text FILE too, or put the task in "
+                            "a suite file and use --suite.")
+    if args.text is None and not (args.suite or args.lm_eval):
+        raise AdapruneError("nothing to evaluate: give --text FILE (perplexity), --suite FILE_OR_NAME (the zero-shot "
+                            "suite, e.g. --suite zero_shot) or --lm-eval TASKS.")
+    suite = None
+    if args.suite:  # read before the model loads, so that a bad suite or a missing task fails fast
+        from .suite import check_suite_files, load_suite
+
+        suite = load_suite(args.suite)
+        check_suite_files(suite, args.data_dir)
     examples = None
     if args.mc:  # read before the model loads, so that a bad task fails fast
         if not Path(args.mc).is_file():
@@ -127,29 +139,45 @@ def cmd_eval(args: argparse.Namespace) -> int:
         except ValueError as error:
             raise AdapruneError(f"{error}; give a BIG-bench multiple-choice JSON task (an 'examples' list, each "
                                 "with an 'input' and 'target_scores' mapping every choice to a score).") from error
-    texts = read_texts(args.text)
+    texts = read_texts(args.text) if args.text is not None else None
     model, tokenizer = load_model(args.model, args.trust_remote_code)
-    # Documents joined by blank lines, as the calibration and test streams of adaprune.data are.
-    ids = torch.tensor(_token_stream(tokenizer, texts), dtype=torch.long)
-    if ids.numel() < args.seq_len:
-        raise AdapruneError(f"{args.text} has {ids.numel()} tokens, fewer than one window of --seq-len "
-                            f"{args.seq_len}: give more text or a shorter --seq-len.")
-    result: dict[str, Any] = {"model": args.model, "text": args.text, "seq_len": args.seq_len,
-                              "params": sum(p.numel() for p in model.parameters())}
-    result.update(perplexity(model, ids, seq_len=args.seq_len, batch_size=args.batch_size,
-                             max_windows=args.max_windows))
-    summary = (f"perplexity {result['perplexity']:.3f} over {result['tokens']:,} tokens "
-               f"({result['windows']} windows of {args.seq_len})")
+    result: dict[str, Any] = {"model": args.model, "params": sum(p.numel() for p in model.parameters())}
+    summary = ""
+    if texts is not None:
+        # Documents joined by blank lines, as the calibration and test streams of adaprune.data are.
+        ids = torch.tensor(_token_stream(tokenizer, texts), dtype=torch.long)
+        if ids.numel() < args.seq_len:
+            raise AdapruneError(f"{args.text} has {ids.numel()} tokens, fewer than one window of --seq-len "
+                                f"{args.seq_len}: give more text or a shorter --seq-len.")
+        result.update({"text": args.text, "seq_len": args.seq_len})
+        result.update(perplexity(model, ids, seq_len=args.seq_len, batch_size=args.batch_size,
+                                 max_windows=args.max_windows))
+        summary = (f"perplexity {result['perplexity']:.3f} over {result['tokens']:,} tokens "
+                   f"({result['windows']} windows of {args.seq_len})")
     if examples is not None:
         result.update(multiple_choice(model, tokenizer, examples, limit=args.limit))
         result["mc_task"] = args.mc
         summary += (f"; multiple choice {result['accuracy']:.1%} ± {result['accuracy_stderr']:.1%}, "
                     f"length-normalised {result['accuracy_norm']:.1%} ± {result['accuracy_norm_stderr']:.1%} "
                     f"on {result['items']} items")
+    if suite is not None:
+        from .suite import evaluate_suite, format_suite_table
+
+        result["suite"] = evaluate_suite(model, tokenizer, suite, data_dir=args.data_dir, limit=args.limit)
+        print(format_suite_table(result["suite"]))
+    if args.lm_eval:
+        from .suite import lm_eval_evaluate
+
+        result["lm_eval"] = lm_eval_evaluate(model, tokenizer, args.lm_eval.split(","),
+                                             include_path=args.lm_eval_include, limit=args.limit,
+                                             batch_size=args.batch_size)
+        for task, metrics in result["lm_eval"]["results"].items():
+            print(f"lm-eval {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
     if args.json:
-        write_text(args.json, json.dumps(result, indent=1))
-        summary += f"; written to {args.json}"
-    print(summary)
+        write_text(args.json, json.dumps(result, indent=1, default=str))
+        summary += ("; " if summary else "") + f"written to {args.json}"
+    if summary:
+        print(summary)
     return 0
 
 
@@ -205,15 +233,28 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--trust-remote-code", action="store_true")
     prune.set_defaults(func=cmd_prune)
 
-    evaluate = sub.add_parser("eval", help="perplexity on a text file and, with --mc, multiple-choice accuracy")
+    evaluate = sub.add_parser("eval", help="perplexity on a text file; with --mc multiple-choice accuracy; "
+                                          "with --suite the zero-shot suite; with --lm-eval lm-eval tasks")
     evaluate.add_argument("model", help="checkpoint folder or .gguf file")
-    evaluate.add_argument("--text", required=True,
-                          help="text: JSON list of strings, or plain text whose documents are split by blank lines")
+    evaluate.add_argument("--text", default=None,
+                          help="text: JSON list of strings, or plain text whose documents are split by blank lines "
+                               "(needed unless --suite or --lm-eval is given)")
     evaluate.add_argument("--seq-len", type=int, default=128, help="tokens per non-overlapping window")
     evaluate.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     evaluate.add_argument("--max-windows", type=int, default=None, help="use at most this many windows")
     evaluate.add_argument("--mc", default=None, help="BIG-bench multiple-choice JSON task (target_scores)")
-    evaluate.add_argument("--limit", type=int, default=None, help="score only the first N multiple-choice items")
+    evaluate.add_argument("--limit", type=int, default=None,
+                          help="score only the first N multiple-choice items (of --mc, of each --suite or --lm-eval task)")
+    evaluate.add_argument("--suite", default=None,
+                          help="zero-shot suite: a suite JSON file or a built-in name (zero_shot); prints each task's "
+                               "accuracy and the average")
+    evaluate.add_argument("--data-dir", default=None,
+                          help="folder the suite's task paths are relative to (default: $ADAPRUNE_DATA, else "
+                               "../shared/data beside the checkout)")
+    evaluate.add_argument("--lm-eval", default=None,
+                          help="comma-separated lm-eval task names, run through lm-eval's HF model class "
+                               "(pip install adaprune[eval])")
+    evaluate.add_argument("--lm-eval-include", default=None, help="folder of extra lm-eval task YAML files")
     evaluate.add_argument("--json", default=None, help="write the results JSON here")
     evaluate.add_argument("--trust-remote-code", action="store_true",
                           help="allow the modeling file a pruned checkpoint brings (layers that differ)")

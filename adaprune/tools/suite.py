@@ -127,9 +127,8 @@ def default_data_dir() -> Path:
     """``$ADAPRUNE_DATA`` if set, else ``../shared/data`` beside the checkout holding this package."""
     if os.environ.get(DATA_ENV):
         return Path(os.environ[DATA_ENV])
-    import adaprune
-
-    return Path(adaprune.__file__).resolve().parents[1].parent / "shared" / "data"
+    package = next(p for p in Path(__file__).resolve().parents if p.name == "adaprune")
+    return package.parent.parent / "shared" / "data"  # checkout/../shared/data
 
 
 def _resolve(task: SuiteTask, data_dir: str | os.PathLike[str] | None) -> Path:
