@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="text: JSON list of strings, or plain text whose documents are split by blank lines "
                                "(needed unless --suite or --lm-eval is given)")
     evaluate.add_argument("--seq-len", type=int, default=128, help="tokens per non-overlapping window")
-    evaluate.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (and lm-eval's batch size)")
     evaluate.add_argument("--max-windows", type=int, default=None, help="use at most this many windows")
     evaluate.add_argument("--mc", default=None, help="BIG-bench multiple-choice JSON task (target_scores)")
     evaluate.add_argument("--limit", type=int, default=None,

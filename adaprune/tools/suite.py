@@ -306,8 +306,13 @@ def lm_eval_evaluate(
                             "or pass the folder of your task YAML files as include_path (--lm-eval-include).")
     device = str(next(model.parameters()).device)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    output = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=0, limit=limit, task_manager=manager,
-                             log_samples=log_samples, bootstrap_iters=1000)  # acc: closed-form stderr
+    try:
+        output = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=0, limit=limit, task_manager=manager,
+                                 log_samples=log_samples, bootstrap_iters=1000)  # acc: closed-form stderr
+    except ConnectionError as error:  # datasets' offline or unreachable Hub error
+        raise AdapruneError(f"lm-eval could not fetch the data of {', '.join(tasks)} ({error}); on a machine without "
+                            "the Hub, define the task on local files (an lm-eval task YAML with dataset_path: json "
+                            "and data_files) and pass its folder with --lm-eval-include.") from error
     if output is None:  # a non-zero rank under distributed runs; not the case here
         raise AdapruneError("lm-eval returned no results.")
     keep = ("results", "n-samples", "configs", "versions") + (("samples",) if log_samples else ())
