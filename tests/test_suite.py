@@ -179,3 +179,26 @@ def test_cli_suite_bad_input_names_the_fix(data, capsys, arguments, message):
     arguments = [str(data / a) if a in ("tiny.json", "nowhere") else a for a in arguments]
     assert main(["eval", str(data / "model"), *arguments]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+SELECTION = suite_module.Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "suite_selection.json"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (default_data_dir() / "bigbench").is_dir() or not SELECTION.is_file(),
+                    reason="needs the shared BIG-bench tasks and the selection results")
+def test_dense_smollm2_reproduces_the_selection_table():
+    """The suite's smallest task on the real model gives the numbers the selection recorded."""
+    from adaprune.tools.data import load_smollm2
+
+    rows = {r["name"]: r for r in json.loads(SELECTION.read_text())["tasks"]}
+    suite = load_suite("zero_shot")
+    task = min(suite.tasks, key=lambda t: t.limit)
+    model, tokenizer = load_smollm2()
+    one = suite_module.Suite(name="one", tasks=(task,))
+    row = evaluate_suite(model, tokenizer, one)["tasks"][0]
+    recorded = rows[task.name]
+    assert row["items"] == recorded["items"] == task.limit
+    assert row["accuracy"] == recorded["bigbench"]["accuracy"]
+    assert row["accuracy_norm"] == recorded["bigbench"]["accuracy_norm"]
+    assert row["chance"] == pytest.approx(task.chance, abs=1e-6)
