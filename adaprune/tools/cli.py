@@ -163,7 +163,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if suite is not None:
         from .suite import evaluate_suite, format_suite_table
 
-        result["suite"] = evaluate_suite(model, tokenizer, suite, data_dir=args.data_dir, limit=args.limit)
+        result["suite"] = evaluate_suite(model, tokenizer, suite, data_dir=args.data_dir, limit=args.limit,
+                                         progress=True)
         print(format_suite_table(result["suite"]))
     if args.lm_eval:
         from .suite import lm_eval_evaluate

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -221,7 +222,8 @@ def evaluate_suite(
 ) -> dict[str, Any]:
     """Zero-shot accuracy of ``model`` on every task of ``suite``, and the averages.
 
-    ``limit`` replaces every task's own item limit (the results then differ from the suite's reference).
+    ``limit`` replaces every task's own item limit (the results then differ from the suite's reference);
+    ``progress`` shows a bar per task and a line on stderr as each task ends.
     Returns ``{"suite", "tasks": [{"name", "path", "items", "chance", "metric", "accuracy",
     "accuracy_stderr", "accuracy_norm", "accuracy_norm_stderr", "score", "score_stderr", "seconds"}],
     "average", "average_stderr", "average_accuracy", "average_accuracy_norm", "average_chance"}``:
@@ -247,6 +249,10 @@ def evaluate_suite(
             "score": scores[task.metric], "score_stderr": scores[f"{task.metric}_stderr"],
             "seconds": round(time.perf_counter() - start, 2),
         })
+        if progress:
+            r = rows[-1]
+            print(f"{task.name}: {task.metric} {r['score']:.3f} ± {r['score_stderr']:.3f} on {r['items']} items "
+                  f"(chance {r['chance']:.3f}, {r['seconds']:.0f} s)", file=sys.stderr, flush=True)
     count = len(rows)
     return {
         "suite": suite.name,
