@@ -3,10 +3,10 @@
     OMP_NUM_THREADS=1 flock /tmp/adaprune-heavy.lock python benchmarks/suite_selection.py
 
 Every task (``social_iqa`` and the twenty in ``bigbench/``) is scored on its first ``--limit`` items
-(500; fewer where they would score more than ``--token-budget`` tokens, 20,000, counting prompt and choice
-for every choice: on one CPU thread SmolLM2-135M scores about 200 tokens a second, so the cap keeps the whole
-measurement near half an hour; analogical_similarity, whose 900-token instruction precedes each of its seven
-choices, keeps only 3 items and cannot pass) with BIG-bench's own zero-shot prompt (``adaprune.suite``), and with ``--plain`` also on the bare
+(500; fewer where they would score more than ``--token-budget`` tokens, 12,000, counting prompt and choice
+for every choice: on one shared CPU thread SmolLM2-135M scores about 200 tokens a second, so the cap keeps the
+whole measurement near 20 minutes; analogical_similarity, whose 900-token instruction precedes each of its seven
+choices, keeps only 2 items and cannot pass) with BIG-bench's own zero-shot prompt (``adaprune.suite``), and with ``--plain`` also on the bare
 input (what ``adaprune eval --mc`` scores), for comparison only. The rule, fixed before measuring:
 
 - metric: raw accuracy when every item offers the same labels (yes/no, True/False, ...), length-
@@ -63,7 +63,7 @@ def items_within_budget(tokenizer, examples: list[dict], budget: int) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=500, help="first N items of each task")
-    parser.add_argument("--token-budget", type=int, default=20_000,
+    parser.add_argument("--token-budget", type=int, default=12_000,
                         help="fewer items where the first --limit would score more tokens than this (all choices)")
     parser.add_argument("--plain", action="store_true", help="also score the bare input, for comparison")
     parser.add_argument("--tasks", default=None, help="comma-separated task names (default: all)")
@@ -79,6 +79,7 @@ def main() -> int:
 
     model, tokenizer = load_smollm2()
     rows = []
+    RESULTS.mkdir(parents=True, exist_ok=True)
     start_all = time.perf_counter()
     for path in paths:
         name = Path(path).parent.name
@@ -98,6 +99,7 @@ def main() -> int:
         row["z"] = (row["score"] - row["baseline"]) / row["score_stderr"] if row["score_stderr"] else 0.0
         row["kept"] = row["z"] >= Z
         rows.append(row)
+        io.write_text(RESULTS / "suite_selection.partial.json", json.dumps(rows, indent=1) + "\n")  # survives a kill
         print(f"{name:<22} n={row['items']:4d} chance {row['chance']:.3f} baseline {row['baseline']:.3f} "
               f"acc {own['accuracy']:.3f} norm {own['accuracy_norm']:.3f} [{row['metric']}] z={row['z']:+.1f} "
               f"{'KEEP' if row['kept'] else '-'} ({own['seconds']}s)", flush=True)
@@ -124,11 +126,11 @@ def main() -> int:
     if kept:
         own = [r["score"] for r in kept]
         result["dense_average"] = sum(own) / len(own)
-    RESULTS.mkdir(parents=True, exist_ok=True)
     io.write_text(RESULTS / "suite_selection.json", json.dumps(result, indent=1) + "\n")
     io.write_text(RESULTS / "suite_selection.md", markdown(result, args.plain))
     if not args.no_write_suite and not args.tasks:
         io.write_text(SUITES_DIR / "zero_shot.json", json.dumps(suite, indent=1) + "\n")
+    (RESULTS / "suite_selection.partial.json").unlink(missing_ok=True)
     print(f"{len(kept)} of {len(rows)} tasks kept; dense average {result.get('dense_average', float('nan')):.4f}; "
           f"{seconds:.0f} s")
     return 0
