@@ -129,11 +129,30 @@ def main() -> int:
     io.write_text(RESULTS / "suite_selection.json", json.dumps(result, indent=1) + "\n")
     io.write_text(RESULTS / "suite_selection.md", markdown(result, args.plain))
     if not args.no_write_suite and not args.tasks:
-        io.write_text(SUITES_DIR / "zero_shot.json", json.dumps(suite, indent=1) + "\n")
+        write_suites(suite, rows, args.limit)
     (RESULTS / "suite_selection.partial.json").unlink(missing_ok=True)
     print(f"{len(kept)} of {len(rows)} tasks kept; dense average {result.get('dense_average', float('nan')):.4f}; "
           f"{seconds:.0f} s")
     return 0
+
+
+def write_suites(suite: dict, rows: list[dict], limit: int) -> None:
+    """``zero_shot.json`` (the kept tasks; only when some are kept: a suite is never empty) and
+    ``candidates.json`` (every measured task with its item limit, metric and chance, to run the same
+    protocol on all of them)."""
+    if suite["tasks"]:
+        io.write_text(SUITES_DIR / "zero_shot.json", json.dumps(suite, indent=1) + "\n")
+    else:
+        (SUITES_DIR / "zero_shot.json").unlink(missing_ok=True)
+    candidates = {
+        "name": "candidates",
+        "description": ("Every multiple-choice task of the data folder, as measured for the zero_shot selection "
+                        f"(first {limit} items or those within the token budget, BIG-bench's prompt, metric by the "
+                        "label rule); see benchmarks/results/suite_selection.md."),
+        "tasks": [{"name": r["name"], "path": r["path"], "metric": r["metric"], "limit": r["items"],
+                   "chance": round(r["chance"], 6), "prompt": "bigbench"} for r in rows],
+    }
+    io.write_text(SUITES_DIR / "candidates.json", json.dumps(candidates, indent=1) + "\n")
 
 
 def markdown(result: dict, plain: bool) -> str:
@@ -170,8 +189,13 @@ def markdown(result: dict, plain: bool) -> str:
             line += f" {p['accuracy']:.3f} | {p['accuracy_norm']:.3f} |"
         lines.append(line)
     kept = result["suite"]["tasks"]
-    lines += ["", f"Chosen suite `zero_shot` ({len(kept)} tasks, adaprune/suites/zero_shot.json): "
-              + ", ".join(f"{t['name']} ({t['metric']})" for t in kept) + "."]
+    if kept:
+        lines += ["", f"Chosen suite `zero_shot` ({len(kept)} tasks, adaprune/suites/zero_shot.json): "
+                  + ", ".join(f"{t['name']} ({t['metric']})" for t in kept) + "."]
+    else:
+        lines += ["", "No task passes the rule: the dense model is not clearly above its baseline on any of them, so "
+                  "there is no `zero_shot` suite. Every measured task is in the suite `candidates` "
+                  "(adaprune/suites/candidates.json)."]
     if "dense_average" in result:
         lines.append(f"Dense average of each task's metric: {result['dense_average']:.4f}.")
     return "\n".join(lines) + "\n"

@@ -122,7 +122,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                             "a suite file and use --suite.")
     if args.text is None and not (args.suite or args.lm_eval):
         raise AdapruneError("nothing to evaluate: give --text FILE (perplexity), --suite FILE_OR_NAME (the zero-shot "
-                            "suite, e.g. --suite zero_shot) or --lm-eval TASKS.")
+                            "suite, e.g. --suite candidates) or --lm-eval TASKS.")
     suite = None
     if args.suite:  # read before the model loads, so that a bad suite or a missing task fails fast
         from .suite import check_suite_files, load_suite
@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, default=None,
                           help="score only the first N multiple-choice items (of --mc, of each --suite or --lm-eval task)")
     evaluate.add_argument("--suite", default=None,
-                          help="zero-shot suite: a suite JSON file or a built-in name (zero_shot); prints each task's "
+                          help="zero-shot suite: a suite JSON file or a built-in name (candidates, zero_shot); prints each task's "
                                "accuracy and the average")
     evaluate.add_argument("--data-dir", default=None,
                           help="folder the suite's task paths are relative to (default: $ADAPRUNE_DATA, else "
