@@ -46,7 +46,8 @@ class RecoveryReport:
     """What a recovery did; `recover(..., report=RecoveryReport())` fills it in.
 
     `losses` holds the training loss of every step (nats per predicted token for `lm`, KL per
-    token for `kl`); `validation` holds `(step, loss)` pairs measured on `validation=` batches
+    token for `kl`) and `step_seconds` its wall time; `seconds` is the whole training, validation
+    included. `validation` holds `(step, loss)` pairs measured on `validation=` batches
     with the same objective (step 0 is before training).
     """
 
@@ -54,6 +55,7 @@ class RecoveryReport:
     tokens: int = 0
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
     validation: list[tuple[int, float]] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     targets: list[str] = field(default_factory=list)
@@ -68,6 +70,7 @@ class RecoveryReport:
         record = asdict(self)
         record["losses"] = [round(v, 5) for v in self.losses]
         record["validation"] = [[step, round(v, 5)] for step, v in self.validation]
+        record["step_seconds"] = [round(v, 4) for v in self.step_seconds]
         record["seconds"] = round(self.seconds, 3)
         record["seconds_per_step"] = round(self.seconds_per_step, 4) if self.steps else None
         return record
@@ -294,6 +297,7 @@ def recover(
             start = time.perf_counter()
             bar = tqdm(range(steps), desc=f"recovery ({objective})", disable=not progress)
             for step in bar:
+                step_start = time.perf_counter()
                 ids = batches[next(order)]
                 loss = loss_of(wrapped, ids)
                 if not torch.isfinite(loss):
@@ -307,6 +311,7 @@ def recover(
                 report.losses.append(loss.item())
                 report.tokens += ids.numel()
                 report.steps = step + 1
+                report.step_seconds.append(time.perf_counter() - step_start)
                 report.seconds = time.perf_counter() - start
                 bar.set_postfix(loss=f"{loss.item():.4f}")
                 if (step + 1) % eval_every == 0 and step + 1 < steps:
