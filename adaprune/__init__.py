@@ -20,9 +20,9 @@ from .hookspecs import hookimpl
 from .pipeline import DEFAULTS, PruneConfig, Pruner
 from .plan import LayerPlan, Plan
 from .plugins import detect_spec, list_estimators, unit_table
-from .recover import RecoveryError, RecoveryReport, recover
 from .scoring.cache import ScoreCache
 from .stages.base import Stage, StageContext
+from .stages.recover import RecoveryError, RecoveryReport, recover
 from .units.table import UnitTable
 from .vocabulary import BlockKind, Level, UnitKind
 

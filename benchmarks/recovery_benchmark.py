@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from adaprune import Pruner, RecoveryReport, recover
-from adaprune.cli import read_texts
-from adaprune.data import _token_stream, load_smollm2, test_token_stream, token_batches, wiki_texts
-from adaprune.evaluate import perplexity
+from adaprune.tools.cli import read_texts
+from adaprune.tools.data import _token_stream, load_smollm2, test_token_stream, token_batches, wiki_texts
+from adaprune.tools.evaluate import perplexity
 from adaprune.io import write_text
 
 HOLD_OUT_TEXTS = 300  # the last calibration articles: the hold-out for choosing settings

@@ -11,8 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from adaprune import Pruner, RecoveryError, RecoveryReport, recover
-from adaprune.cli import main
-from adaprune.recover import lora_targets
+from adaprune.stages.recover import lora_targets
+from adaprune.tools.cli import main
 from conftest import random_batches
 from families import FAMILIES, Shape, build
 from test_cli_eval_report import word_tokenizer

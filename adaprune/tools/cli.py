@@ -157,9 +157,9 @@ def cmd_recover(args: argparse.Namespace) -> int:
     """LoRA recovery of a pruned checkpoint (adaprune.recover), saved as a new checkpoint, atomically."""
     import shutil
 
+    from ..io import atomic_directory
+    from ..stages.recover import RecoveryReport, mean_loss, recover
     from .data import token_batches
-    from .io import atomic_directory, write_text
-    from .recover import RecoveryReport, mean_loss, recover
 
     source, out = Path(args.model), Path(args.out)
     if out.resolve() == source.resolve():

@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import as_batches
-from .errors import AdapruneError, CalibrationError, ConfigurationError
-from .specs import ArchSpec, detect_spec
+from ..errors import AdapruneError, CalibrationError
+from ..plugins import detect_spec
+from ..scoring.calibration import as_batches
+from ..specs import ArchSpec
 
 __all__ = ["OBJECTIVES", "RecoveryError", "RecoveryReport", "lora_targets", "recover"]
 
@@ -81,7 +82,7 @@ def lora_targets(model: nn.Module, spec: ArchSpec | None = None,
     """Full module names of the Linears that get an adapter: the spec's projections of each layer.
 
     A block removed whole (a stand-in with no Linear) and a projection left with no weights are
-    skipped. Fused projections (Phi-3's `gate_up_proj`) appear once.
+    skipped. A projection the spec lists twice (a fused one) appears once.
     """
     spec = spec or detect_spec(model)
     unknown = set(blocks) - set(BLOCKS)
@@ -112,10 +113,7 @@ def _training_batches(calibration: Iterable, tokenizer: Any, seq_len: int, sampl
             raise CalibrationError("The recovery text is a list of strings; pass tokenizer= too (or token-id "
                                    "batches, e.g. adaprune.data.token_batches(tokenizer, texts, seq_len=128, "
                                    "num_samples=256)).")
-        from .data import _token_stream
-
-        limit = samples * seq_len if samples else None
-        ids = _token_stream(tokenizer, items, max_tokens=limit)
+        ids = _text_tokens(tokenizer, items, samples * seq_len if samples else None)
         windows = len(ids) // seq_len
         if windows < 1:
             raise CalibrationError(f"The recovery text has {len(ids)} tokens, fewer than one window of "
@@ -133,6 +131,18 @@ def _training_batches(calibration: Iterable, tokenizer: Any, seq_len: int, sampl
         raise RecoveryError("samples= needs token batches of one sequence length (or texts); drop samples= "
                             "or pass batches of equal length.")
     return batches
+
+
+def _text_tokens(tokenizer: Any, texts: list[str], limit: int | None) -> list[int]:
+    """Token ids of the texts joined by blank lines (as adaprune's calibration streams are), up to `limit`."""
+    separator = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    ids: list[int] = []
+    for start in range(0, len(texts), 256):
+        for text_ids in tokenizer(texts[start:start + 256], add_special_tokens=False)["input_ids"]:
+            ids.extend((separator if ids else []) + text_ids)
+        if limit is not None and len(ids) >= limit:
+            return ids[:limit]
+    return ids
 
 
 def _order(count: int, generator: torch.Generator) -> Iterator[int]:
