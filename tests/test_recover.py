@@ -265,3 +265,43 @@ def test_cli_recover_refuses_remote_code_without_the_flag(checkpoints, capsys):
     assert main(["recover", str(root / "pruned"), "--text", str(root / "text.txt"), "--out", str(root / "new"),
                  "--seq-len", "8"]) == 2
     assert "--trust-remote-code" in capsys.readouterr().err
+
+
+# ---- as a stage of the Pruner -------------------------------------------------------------------
+
+@pytest.mark.parametrize("objective", ["kl", "lm"])
+def test_the_recover_stage_keeps_removed_units_removed(objective):
+    from adaprune.apply.positions import pruned_positions
+    from adaprune.stages.recover import RecoverStage
+
+    batches = random_batches(SHAPE.vocab, count=2, batch=4)
+    results = {}
+    for mode in ("mask", "slice"):
+        model = llama()
+        dense = state(model)
+        stage = RecoverStage(objective=objective, steps=6, lr=1e-2)
+        pruner = Pruner(model, ratio=0.4, estimators=["magnitude"], allocation="global",
+                        units=["kv_groups", "channels", "blocks"], reconstruct=False, stages=[stage], progress=False)
+        plan = pruner.plan(batches)
+        pruner.apply(plan, mode=mode)
+        record = plan.stages["recover"]
+        assert record["steps"] == 6 and record["settings"]["objective"] == objective
+        results[mode] = logits(model)
+        if mode == "mask":
+            # Every position the plan removed is still zero, and the kept ones were trained.
+            for _, linear, axis, kept in pruned_positions(plan, pruner_units(model), model):
+                weight = linear.weight if axis == "out" else linear.weight.T
+                dropped = torch.ones(weight.shape[0], dtype=torch.bool)
+                dropped[kept] = False
+                assert torch.count_nonzero(weight[dropped]) == 0
+            assert not any("lora" in name for name, _ in model.named_modules())
+            pruner.restore()
+            assert all(torch.equal(model.state_dict()[k], v) for k, v in dense.items())
+    # The sliced model computes what the masked one trained.
+    torch.testing.assert_close(results["slice"], results["mask"], rtol=1e-4, atol=1e-5)
+
+
+def pruner_units(model):
+    from adaprune import unit_table
+
+    return unit_table(model)

@@ -15,10 +15,11 @@ adapters unmerged and leaves the model exactly as it came in.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,12 +28,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..apply.mask import MASKED
+from ..apply.positions import pruned_positions
 from ..errors import AdapruneError, CalibrationError
+from ..plan import Plan
 from ..plugins import detect_spec
 from ..scoring.calibration import as_batches
 from ..specs import ArchSpec
+from .base import Stage, StageContext
 
-__all__ = ["OBJECTIVES", "RecoveryError", "RecoveryReport", "lora_targets", "recover"]
+__all__ = ["OBJECTIVES", "RecoverStage", "RecoveryError", "RecoveryReport", "lora_targets", "recover"]
 
 OBJECTIVES = ("lm", "kl")
 BLOCKS = ("attention", "mlp")
@@ -198,6 +203,9 @@ def recover(
     seed: int = 0,
     progress: bool = True,
     report: RecoveryReport | None = None,
+    _targets: Sequence[str] | None = None,
+    _kept: Mapping[str, tuple[str, torch.Tensor]] | None = None,
+    _merge: Callable[[nn.Linear, torch.Tensor], None] | None = None,
 ) -> nn.Module:
     """Recover a pruned model with LoRA, merged back; returns `model` itself, changed in place.
 
@@ -221,6 +229,9 @@ def recover(
 
     The base weights stay frozen, their dtype and device are the model's. On any exception the adapters
     are removed unmerged: the model is left exactly as it came in.
+
+    (`_targets`, `_kept`, `_merge` serve `RecoverStage` on a masked model: the adapted Linears, the rows
+    or columns each may change (the rest stay zero), and how each one's delta is written back.)
     """
     objective = objective or ("kl" if teacher is not None else "lm")
     if objective not in OBJECTIVES:
@@ -247,7 +258,7 @@ def recover(
     spec = detect_spec(model)
     batches = _training_batches(calibration, tokenizer, seq_len, samples, batch_size)
     held_out = as_batches(validation) if validation is not None else []
-    targets = lora_targets(model, spec, blocks)
+    targets = list(_targets) if _targets is not None else lora_targets(model, spec, blocks)
     if not targets:
         raise RecoveryError("The model has no projection left to adapt (every block was removed); there is "
                             "nothing to recover.")
@@ -295,6 +306,9 @@ def recover(
         with _quiet():
             wrapped = peft.get_peft_model(model, config)
         try:
+            adapted = {name: wrapped.base_model.model.get_submodule(name) for name in targets}
+            for name, (axis, kept) in (_kept or {}).items():
+                _confine(adapted[name], axis, kept)
             params = [p for p in wrapped.parameters() if p.requires_grad]
             report.trainable_parameters = sum(p.numel() for p in params)
             optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -334,10 +348,32 @@ def recover(
             _restore(model, was_training, requires_grad)
             raise
         with _quiet(), torch.no_grad():
-            merged = wrapped.merge_and_unload()
+            if _merge is None:
+                merged = wrapped.merge_and_unload()
+            else:
+                deltas = {name: layer.get_delta_weight("default") for name, layer in adapted.items()}
+                merged = wrapped.unload()
+                for name, delta in deltas.items():
+                    _merge(model.get_submodule(name), delta)
     assert merged is model  # peft hands back the very model it wrapped
     _restore(model, was_training, requires_grad)
     return model
+
+
+def _confine(layer: nn.Module, axis: str, kept: torch.Tensor) -> None:
+    """Let a LoRA adapter change only the `kept` rows (axis "out") or columns ("in") of its weight.
+
+    Its factor on that side starts at zero there and gets zero gradients, so AdamW never moves it and
+    B A stays zero outside the kept positions: a masked model trains what its sliced self would.
+    """
+    factor = layer.lora_B["default"].weight if axis == "out" else layer.lora_A["default"].weight
+    keep = torch.zeros(factor.shape[0] if axis == "out" else factor.shape[1], dtype=factor.dtype,
+                       device=factor.device)
+    keep[kept.to(factor.device)] = 1
+    keep = keep[:, None] if axis == "out" else keep[None, :]
+    with torch.no_grad():
+        factor.mul_(keep)
+    factor.register_hook(lambda grad: grad * keep)
 
 
 def _restore(model: nn.Module, training: bool, requires_grad: dict[str, bool]) -> None:
@@ -351,3 +387,71 @@ def mean_loss(losses: Sequence[float], last: int = 10) -> float:
     """Mean of the last `last` losses (nan when there are none)."""
     tail = list(losses)[-last:]
     return sum(tail) / len(tail) if tail else math.nan
+
+
+class RecoverStage(Stage):
+    """LoRA recovery as a stage after apply: `Pruner(model, ..., stages=[RecoverStage(steps=200)])`.
+
+    It runs on the model masked by the plan (after reconstruction, before slicing): the adapters go on
+    the projections of the blocks the plan keeps, and may change only the rows and columns the plan
+    keeps, so that the sliced model computes what was trained and no removed unit comes back. The
+    deltas are written through the mask handle: `Pruner.restore()` undoes them with the rest.
+    `objective="kl"` (the default) distils from the dense model, rebuilt from the mask's saved values;
+    `"lm"` trains on the next-token loss. `calibration` (token batches) replaces the planning batches
+    as training data; the other options are `recover`'s.
+    """
+
+    name = "recover"
+
+    def __init__(self, calibration: Iterable | None = None, *, objective: str = "kl", **options: Any):
+        if objective not in OBJECTIVES:
+            raise RecoveryError(f"Unknown objective {objective!r}; use 'lm' or 'kl'.")
+        unknown = set(options) - _STAGE_OPTIONS
+        if unknown:
+            raise RecoveryError(f"Unknown recovery option(s) {sorted(unknown)}; use {sorted(_STAGE_OPTIONS)}.")
+        self.calibration = list(calibration) if calibration is not None else None
+        self.objective, self.recover_options = objective, options
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return {"objective": self.objective, **self.recover_options}
+
+    def run(self, model: nn.Module, plan: Plan, context: StageContext) -> dict[str, Any]:
+        batches = self.calibration if self.calibration is not None else context.batches
+        if not batches:
+            return {**self.options, "skipped": "no calibration batches: pass calibration to plan() or apply(), or "
+                                               "to RecoverStage"}
+        units = context.units
+        removed = {(layer.index, prefix) for layer in plan.layers for kind in layer.removed_blocks()
+                   for prefix in [f"{units.spec.removable_blocks()[kind].path}."]}
+        layer_paths = [layer.path for layer in units]
+        targets = [t for t in lora_targets(model, units.spec)
+                   if not any(t.startswith(f"{layer_paths[i]}.{prefix}") for i, prefix in removed)]
+        kept = {path: (axis, kept) for path, _, axis, kept in pruned_positions(plan, units, model)}
+        teacher = None
+        if self.objective == "kl":
+            # The copy must not take the mask handle (and its saved tensors) along.
+            handle = model.__dict__.pop(MASKED, None)
+            try:
+                teacher = copy.deepcopy(model)
+            finally:
+                if handle is not None:
+                    setattr(model, MASKED, handle)
+            with torch.no_grad():
+                for (_, original), (_, dense) in zip(model.named_parameters(), teacher.named_parameters()):
+                    dense.copy_(context.mask.original(original))
+
+        def merge(linear: nn.Linear, delta: torch.Tensor) -> None:
+            context.mask.replace(linear.weight, linear.weight.detach() + delta.to(linear.weight.dtype))
+
+        report = RecoveryReport()
+        recover(model, batches, objective=self.objective, teacher=teacher, progress=context.progress,
+                report=report, _targets=targets, _kept=kept, _merge=merge, **self.recover_options)
+        record = report.to_dict()
+        record.pop("targets")
+        record["adapted_projections"] = len(targets)
+        return record
+
+
+_STAGE_OPTIONS = {"steps", "rank", "alpha", "lr", "batch_size", "seq_len", "samples", "blocks", "dropout",
+                  "weight_decay", "warmup", "max_grad_norm", "validation", "eval_every", "seed"}
