@@ -305,3 +305,11 @@ def pruner_units(model):
     from adaprune import unit_table
 
     return unit_table(model)
+
+
+def test_plain_recover_refuses_a_masked_model():
+    model = llama()
+    pruner = Pruner(model, ratio=0.3, estimators=["magnitude"], reconstruct=False, progress=False)
+    pruner.apply(pruner.plan(random_batches(SHAPE.vocab)), mode="mask")
+    with pytest.raises(RecoveryError, match="RecoverStage"):
+        recover(model, random_batches(SHAPE.vocab), steps=1, progress=False)

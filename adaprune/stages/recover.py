@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..apply.mask import MASKED
+from ..apply.mask import MASKED, is_masked
 from ..apply.positions import pruned_positions
 from ..errors import AdapruneError, CalibrationError
 from ..plan import Plan
@@ -116,7 +116,7 @@ def _training_batches(calibration: Iterable, tokenizer: Any, seq_len: int, sampl
     if items and isinstance(items[0], str):
         if tokenizer is None:
             raise CalibrationError("The recovery text is a list of strings; pass tokenizer= too (or token-id "
-                                   "batches, e.g. adaprune.data.token_batches(tokenizer, texts, seq_len=128, "
+                                   "batches, e.g. adaprune.tools.data.token_batches(tokenizer, texts, seq_len=128, "
                                    "num_samples=256)).")
         ids = _text_tokens(tokenizer, items, samples * seq_len if samples else None)
         windows = len(ids) // seq_len
@@ -253,6 +253,10 @@ def recover(
     if not 0 <= dropout < 1 or not 0 <= warmup < 1:
         raise RecoveryError(f"dropout and warmup must be in [0, 1), got {dropout!r} and {warmup!r}.")
 
+    if _kept is None and is_masked(model):
+        raise RecoveryError("The model is masked by a plan (apply(plan, mode='mask')): adapters would write into "
+                            "the zeroed units. Slice it first, or recover inside the Pruner with "
+                            "stages=[RecoverStage(...)], which keeps the removed units at zero.")
     import peft
 
     spec = detect_spec(model)
