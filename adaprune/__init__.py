@@ -22,6 +22,7 @@ from .plan import LayerPlan, Plan
 from .plugins import detect_spec, list_estimators, unit_table
 from .scoring.cache import ScoreCache
 from .stages.base import Stage, StageContext
+from .stages.recover import RecoveryError, RecoveryReport, recover
 from .units.table import UnitTable
 from .vocabulary import BlockKind, Level, UnitKind
 
@@ -41,6 +42,8 @@ __all__ = [
     "PlanError",
     "PruneConfig",
     "Pruner",
+    "RecoveryError",
+    "RecoveryReport",
     "ScoreCache",
     "Stage",
     "StageContext",
@@ -50,5 +53,6 @@ __all__ = [
     "detect_spec",
     "hookimpl",
     "list_estimators",
+    "recover",
     "unit_table",
 ]

@@ -1,4 +1,4 @@
-"""The command line: `adaprune prune`, `eval`, `report`, `demo`. Its defaults are the API's (`adaprune.pipeline.DEFAULTS`)."""
+"""The command line: `adaprune prune`, `eval`, `recover`, `report`, `demo`. Its defaults are the API's (`adaprune.pipeline.DEFAULTS`)."""
 
 from __future__ import annotations
 
@@ -182,6 +182,60 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recover(args: argparse.Namespace) -> int:
+    """LoRA recovery of a pruned checkpoint (adaprune.recover), saved as a new checkpoint, atomically."""
+    import shutil
+
+    from ..io import atomic_directory
+    from ..stages.recover import RecoveryReport, mean_loss, recover
+    from .data import token_batches
+
+    source, out = Path(args.model), Path(args.out)
+    if out.resolve() == source.resolve():
+        raise AdapruneError(f"--out {args.out} is the input checkpoint; give another folder (the input is "
+                            "left untouched).")
+    if out.exists() and not out.is_dir():
+        raise AdapruneError(f"--out {args.out} is a file; give a folder for the recovered checkpoint.")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise AdapruneError(f"--out {args.out} exists and is not empty; pass --overwrite to replace it, or "
+                            "give another folder.")
+    if args.objective == "kl" and not args.teacher:
+        raise AdapruneError("--objective kl distils from the dense model: pass --teacher DENSE (the unpruned "
+                            "checkpoint), or use --objective lm.")
+    for option, value in (("--steps", args.steps), ("--rank", args.rank), ("--samples", args.samples),
+                          ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise AdapruneError(f"{option} must be a positive number, got {value}.")
+    if args.seq_len < 2:
+        raise AdapruneError(f"--seq-len must be at least 2 (the loss predicts the next token), got {args.seq_len}.")
+    texts = _calibration_texts(args.text)
+    model, tokenizer = load_model(args.model, args.trust_remote_code)
+    teacher = load_model(args.teacher, args.trust_remote_code)[0] if args.teacher else None
+    try:
+        batches = token_batches(tokenizer, texts, seq_len=args.seq_len, num_samples=args.samples,
+                                batch_size=args.batch_size)
+    except ValueError as error:
+        raise AdapruneError(f"{error}; give more text with --text, or fewer --samples or a shorter "
+                            "--seq-len.") from error
+    report = RecoveryReport()
+    recover(model, batches, steps=args.steps, rank=args.rank, alpha=args.alpha, lr=args.lr,
+            batch_size=args.batch_size, objective=args.objective, teacher=teacher, seed=args.seed, report=report)
+    record = {"input": str(source), "teacher": args.teacher, "text": args.text or "wikipedia calibration split",
+              **report.to_dict()}
+    with atomic_directory(out, overwrite=out.exists()) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if (source / "adaprune_plan.json").is_file():
+            shutil.copy2(source / "adaprune_plan.json", tmp / "adaprune_plan.json")
+        write_text(tmp / "adaprune_recovery.json", json.dumps(record, indent=1))
+    if args.report:
+        write_text(args.report, json.dumps(record, indent=1))
+    print(f"recovered with {report.settings['objective']} for {report.steps} steps ({report.tokens:,} tokens, "
+          f"{report.seconds:.0f} s): loss {mean_loss(report.losses[:10]):.4f} -> {mean_loss(report.losses):.4f} "
+          f"(mean of 10 steps); saved to {out}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """Print a plan's per-layer table; with --plot, draw it."""
     from .plan_view import load_plan, plan_table, plot_plan
@@ -260,6 +314,29 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--trust-remote-code", action="store_true",
                           help="allow the modeling file a pruned checkpoint brings (layers that differ)")
     evaluate.set_defaults(func=cmd_eval)
+
+    recover = sub.add_parser("recover", help="LoRA recovery of a pruned checkpoint (adapters merged back)")
+    recover.add_argument("model", help="the pruned checkpoint folder")
+    recover.add_argument("--text", default=None,
+                         help="training text: JSON list of strings or text split on blank lines "
+                              "(default: the Wikipedia calibration split)")
+    recover.add_argument("--out", required=True, help="folder for the recovered checkpoint")
+    recover.add_argument("--teacher", default=None, help="the dense checkpoint, for --objective kl (distillation)")
+    recover.add_argument("--objective", choices=("kl", "lm"), default=None,
+                         help="kl: KL to --teacher; lm: next-token loss (default: kl with --teacher, else lm)")
+    recover.add_argument("--steps", type=int, default=200)
+    recover.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    recover.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scale alpha / rank)")
+    recover.add_argument("--lr", type=float, default=5e-4)
+    recover.add_argument("--samples", type=int, default=800, help="training windows of --seq-len tokens")
+    recover.add_argument("--seq-len", type=int, default=128)
+    recover.add_argument("--batch-size", type=int, default=4)
+    recover.add_argument("--seed", type=int, default=0)
+    recover.add_argument("--report", default=None, help="also write the recovery record JSON here")
+    recover.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    recover.add_argument("--trust-remote-code", action="store_true",
+                         help="allow the modeling file a pruned checkpoint brings (layers that differ)")
+    recover.set_defaults(func=cmd_recover)
 
     report = sub.add_parser("report", help="print a plan per layer; with --plot, draw it")
     report.add_argument("plan", help="plan JSON, or a pruned checkpoint folder holding adaprune_plan.json")
