@@ -12,10 +12,12 @@ from .errors import (
     CalibrationError,
     ConfigurationError,
     EstimatorError,
+    ExportError,
     PlanError,
     UnsupportedArchitectureError,
 )
 from .estimators.base import Estimator
+from .export.gguf import export_gguf
 from .hookspecs import hookimpl
 from .pipeline import DEFAULTS, PruneConfig, Pruner
 from .plan import LayerPlan, Plan
@@ -35,6 +37,7 @@ __all__ = [
     "DEFAULTS",
     "Estimator",
     "EstimatorError",
+    "ExportError",
     "LayerPlan",
     "Level",
     "Plan",
@@ -48,6 +51,7 @@ __all__ = [
     "UnitTable",
     "UnsupportedArchitectureError",
     "detect_spec",
+    "export_gguf",
     "hookimpl",
     "list_estimators",
     "unit_table",

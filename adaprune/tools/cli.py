@@ -1,4 +1,4 @@
-"""The command line: `adaprune prune`, `eval`, `report`, `demo`. Its defaults are the API's (`adaprune.pipeline.DEFAULTS`)."""
+"""The command line: `adaprune prune`, `eval`, `export`, `report`, `demo`. Its defaults are the API's (`adaprune.pipeline.DEFAULTS`)."""
 
 from __future__ import annotations
 
@@ -127,6 +127,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         except ValueError as error:
             raise AdapruneError(f"{error}; give a BIG-bench multiple-choice JSON task (an 'examples' list, each "
                                 "with an 'input' and 'target_scores' mapping every choice to a score).") from error
+    if args.text is None and not args.speed:
+        raise AdapruneError("Give --text FILE (perplexity) or --speed (tokens per second), or both.")
+    if args.speed_baseline and not args.speed:
+        raise AdapruneError("--speed-baseline needs --speed.")
+    if args.text is None:
+        return _eval_speed(args)
     texts = read_texts(args.text)
     model, tokenizer = load_model(args.model, args.trust_remote_code)
     # Documents joined by blank lines, as the calibration and test streams of adaprune.data are.
@@ -146,9 +152,77 @@ def cmd_eval(args: argparse.Namespace) -> int:
         summary += (f"; multiple choice {result['accuracy']:.1%} ± {result['accuracy_stderr']:.1%}, "
                     f"length-normalised {result['accuracy_norm']:.1%} ± {result['accuracy_norm_stderr']:.1%} "
                     f"on {result['items']} items")
+    if args.speed:
+        result["speed"] = _speed(model, args)
+        summary += "\n" + _speed_summary(result["speed"])
     if args.json:
         write_text(args.json, json.dumps(result, indent=1))
         summary += f"; written to {args.json}"
+    print(summary)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a (pruned) checkpoint as a GGUF file for llama.cpp."""
+    from ..export.gguf import DTYPES, export_gguf
+
+    if args.type not in DTYPES:
+        raise AdapruneError(f"--type must be one of {', '.join(DTYPES)}, got {args.type!r}.")
+    model, tokenizer = load_model(args.model, args.trust_remote_code)
+    # A model read from a GGUF file keeps that file's tokenizer metadata (chat template, special tokens).
+    source = args.metadata_from or (args.model if args.model.endswith(".gguf") else None)
+    path = export_gguf(model, tokenizer, args.gguf, dtype=args.type, source_gguf=source)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.type}); run it with llama.cpp, "
+          f"e.g. llama-cli -m {path}")
+    return 0
+
+
+def speed_report(model, baseline=None, rounds: int = 3) -> dict[str, Any]:
+    """Generation and prompt-processing tokens/s of `model` (and of `baseline`, measured in alternation)."""
+    import statistics
+
+    from .demo import SPEEDS
+
+    models = {"model": model} if baseline is None else {"baseline": baseline, "model": model}
+    samples: dict[str, dict[str, list[float]]] = {name: {key: [] for key in SPEEDS} for name in models}
+    for _ in range(rounds):  # in alternation: a noisy machine slows both alike
+        for name, m in models.items():
+            for key, (_, measure) in SPEEDS.items():
+                samples[name][key].append(measure(m))
+    result: dict[str, Any] = {name: {key: statistics.median(v) for key, v in values.items()}
+                              for name, values in samples.items()}
+    if baseline is not None:
+        result["speedup"] = {key: result["model"][key] / result["baseline"][key] for key in SPEEDS}
+    result["rounds"] = rounds
+    return result
+
+
+def _speed(model, args: argparse.Namespace) -> dict[str, Any]:
+    baseline = load_model(args.speed_baseline, args.trust_remote_code)[0] if args.speed_baseline else None
+    return speed_report(model, baseline)
+
+
+def _speed_summary(speed: dict[str, Any]) -> str:
+    from .demo import SPEEDS
+
+    lines = []
+    for key, (label, _) in SPEEDS.items():
+        line = f"{label}: {speed['model'][key]:.1f}"
+        if "speedup" in speed:
+            line += f" (baseline {speed['baseline'][key]:.1f}; speed-up {speed['speedup'][key]:.2f}x)"
+        lines.append(line)
+    lines.append(f"(medians of {speed['rounds']} rounds" +
+                 (", model and baseline in alternation)" if "speedup" in speed else ")"))
+    return "\n".join(lines)
+
+
+def _eval_speed(args: argparse.Namespace) -> int:
+    model, _ = load_model(args.model, args.trust_remote_code)
+    result = {"model": args.model, "params": sum(p.numel() for p in model.parameters()), "speed": _speed(model, args)}
+    summary = _speed_summary(result["speed"])
+    if args.json:
+        write_text(args.json, json.dumps(result, indent=1))
+        summary += f"\nwritten to {args.json}"
     print(summary)
     return 0
 
@@ -207,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("eval", help="perplexity on a text file and, with --mc, multiple-choice accuracy")
     evaluate.add_argument("model", help="checkpoint folder or .gguf file")
-    evaluate.add_argument("--text", required=True,
+    evaluate.add_argument("--text", default=None,
                           help="text: JSON list of strings, or plain text whose documents are split by blank lines")
     evaluate.add_argument("--seq-len", type=int, default=128, help="tokens per non-overlapping window")
     evaluate.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
@@ -217,7 +291,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", default=None, help="write the results JSON here")
     evaluate.add_argument("--trust-remote-code", action="store_true",
                           help="allow the modeling file a pruned checkpoint brings (layers that differ)")
+    evaluate.add_argument("--speed", action="store_true",
+                          help="also measure generation (batch 1) and prompt-processing tokens/s in PyTorch")
+    evaluate.add_argument("--speed-baseline", default=None, metavar="DENSE",
+                          help="with --speed: measure this model too, in alternation, and report speed-ups")
     evaluate.set_defaults(func=cmd_eval)
+
+    export = sub.add_parser("export", help="write a (pruned) checkpoint as a GGUF file for llama.cpp")
+    export.add_argument("model", help="checkpoint folder or .gguf file")
+    export.add_argument("--gguf", required=True, help="the GGUF file to write")
+    export.add_argument("--type", default="f16", help="tensor type: f16 (default), q8_0 or f32")
+    export.add_argument("--metadata-from", default=None, metavar="GGUF",
+                        help="the GGUF file the model came from: copy its tokenizer and chat template")
+    export.add_argument("--trust-remote-code", action="store_true",
+                        help="allow the modeling file a pruned checkpoint brings (layers that differ)")
+    export.set_defaults(func=cmd_export)
 
     report = sub.add_parser("report", help="print a plan per layer; with --plot, draw it")
     report.add_argument("plan", help="plan JSON, or a pruned checkpoint folder holding adaprune_plan.json")
