@@ -8,6 +8,7 @@ next-token logits must match PyTorch's at every position: |difference| <= 1e-3 +
 
 from __future__ import annotations
 
+import json
 import os
 
 import gguf
@@ -237,3 +238,32 @@ def test_pruned_smollm2_generates_the_same_greedy_continuation(tmp_path):
         if len(actual) == len(expected) or token == llm.token_eos():
             break
     assert actual == expected[: len(actual)] and len(actual) >= min(len(expected), 8)
+
+
+# ---- PyTorch speed: adaprune eval --speed --------------------------------------------------------
+
+def test_eval_speed_measures_dense_and_pruned_in_alternation(tmp_path, capsys):
+    dense = build(family("llama"), Shape(layers=2, kv_heads=2, heads_per_group=2, head_dim=8, width=32))
+    pruned = slice_by(build(family("llama"), Shape(layers=2, kv_heads=2, heads_per_group=2, head_dim=8, width=32)),
+                      remove_kv_groups=[[1], [1]], remove_channels=[list(range(16))] * 2)
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, "[UNK]")))
+    for name, model in (("dense", dense), ("pruned", pruned)):
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    assert main(["eval", str(tmp_path / "pruned"), "--speed", "--speed-baseline", str(tmp_path / "dense"),
+                 "--json", str(tmp_path / "speed.json")]) == 0
+    out = capsys.readouterr().out
+    assert "speed-up" in out and "in alternation" in out
+    speed = json.loads((tmp_path / "speed.json").read_text())["speed"]
+    assert set(speed) == {"baseline", "model", "speedup", "rounds"}
+    assert all(value > 0 for value in speed["speedup"].values())
+
+
+def test_eval_needs_text_or_speed(capsys):
+    assert main(["eval", "nowhere"]) == 2
+    assert "--text FILE" in capsys.readouterr().err
+    assert main(["eval", "nowhere", "--text", "x.txt", "--speed-baseline", "y"]) == 2
+    assert "--speed-baseline needs --speed" in capsys.readouterr().err
