@@ -86,6 +86,7 @@ def arch(reader) -> str:
 
 PLANS = {
     "uniform": dict(remove_heads=[[1, 3]] * 3, remove_channels=[[0, 5, 9]] * 3),
+    "uniform-mlp": dict(remove_channels=[[0, 5, 9, 30]] * 3),
     "per-layer": dict(remove_heads=[[], [0, 3], []], remove_kv_groups=[[1], [], []],
                       remove_channels=[[1, 2], list(range(20)), []]),
     "blocks": dict(remove_kv_groups=[[1], [], []], remove_attention=[False, True, False],
@@ -99,7 +100,10 @@ PLANS = {
 def test_llama_cpp_gives_pytorch_logits(name, plan, tokenizer, tmp_path):
     model = slice_by(tiny(name), **PLANS[plan])
     reader = assert_same_logits(model, tokenizer, tmp_path)
-    expected_arch = ("qwen2" if name == "qwen2" else "llama") if plan == "uniform" else "deci"
+    # Uniform shapes keep the family's architecture; per-layer shapes go to "deci", and so does a
+    # Qwen2 that lost heads (llama.cpp's "qwen2" builds its query projection hidden_size wide).
+    native = plan == "uniform-mlp" or (plan == "uniform" and name != "qwen2")
+    expected_arch = ("qwen2" if name == "qwen2" else "llama") if native else "deci"
     assert arch(reader) == expected_arch
     heads = reader.get_field("llama.attention.head_count" if expected_arch == "llama" else
                              f"{expected_arch}.attention.head_count").contents()

@@ -9,7 +9,9 @@ by running it; see docs/deploy.md):
 * "llama" and "qwen2" read `head_count`, `head_count_kv` and `feed_forward_length` as per-layer
   arrays (`llama_model::load_hparams`), but build every layer's tensors and graph from layer 0's
   values (`LLAMA_LOAD_LOCALS`): a file with shapes that differ per layer fails to load. So a model
-  whose layers all have the same shape is written under its own architecture, with scalar keys.
+  whose layers all have the same shape is written under its own architecture, with scalar keys;
+  except a Qwen2 that lost heads: "qwen2" builds the query projection hidden_size wide
+  (`src/models/qwen2.cpp`), so it goes to "deci" too.
 * "deci" (Nemotron-NAS, `src/models/deci.cpp`) reads each layer's own head counts and MLP width,
   runs a layer with 0 heads as attention-free and skips one with an MLP width of 0. Llama, Mistral
   and Qwen2 layers are Deci layers (RMSNorm, grouped-query attention with optional q/k/v biases,
@@ -48,6 +50,9 @@ DTYPES = ("f32", "f16", "q8_0")
 ROPE_PAIRS = {"llama": True, "deci": True, "qwen2": False}
 # The per-layer architecture every exported family maps onto when its layers differ.
 PER_LAYER_ARCH = "deci"
+# Architectures whose query projection llama.cpp builds hidden_size wide (src/models/qwen2.cpp):
+# a model that lost heads runs there only as "deci".
+QUERY_IS_HIDDEN = {"qwen2"}
 _FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
 
@@ -80,10 +85,12 @@ def export_gguf(
                           "the llama, mistral and qwen2 families (export a transformers checkpoint instead).")
     config = model.config
     shapes = [spec.layer_shape(model, layer) for layer in spec.decoder_layers(model)]
-    uniform = len(set(shapes)) == 1 and not shapes[0].removed_blocks()
-    arch = spec.gguf_arch if uniform else PER_LAYER_ARCH
     head_dim = _head_dim(shapes)
-    if not uniform and shapes[0].attention.num_heads == 0:
+    uniform = len(set(shapes)) == 1 and not shapes[0].removed_blocks()
+    native = uniform and (spec.gguf_arch not in QUERY_IS_HIDDEN
+                          or shapes[0].attention.num_heads * head_dim == config.hidden_size)
+    arch = spec.gguf_arch if native else PER_LAYER_ARCH
+    if arch == PER_LAYER_ARCH and shapes[0].attention.num_heads == 0:
         raise ExportError("Layer 0 lost its whole attention block: llama.cpp derives the head size from layer 0's "
                           "head count (llama_model::load_hparams) and cannot run this model. Prune again with "
                           "layer 0 excluded from block removal (e.g. --layers 1:N), or without whole blocks.")
@@ -98,7 +105,7 @@ def export_gguf(
     vocab_rows = model.get_input_embeddings().weight.shape[0]
     with atomic_path(target) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
-        _write_hparams(writer, config, shapes, uniform, head_dim, vocab_rows, dtype)
+        _write_hparams(writer, config, shapes, native, head_dim, vocab_rows, dtype)
         _write_vocab(writer, tokenizer, vocab_rows, source_gguf)
         for name, array in tensors:
             _add_tensor(writer, name, array, dtype)
