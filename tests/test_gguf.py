@@ -47,8 +47,11 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(smollm2_path())
 
 
-def tiny(name: str):
-    return build(family(name), Shape(layers=3, kv_heads=2, heads_per_group=2, head_dim=16, width=48, vocab=VOCAB))
+def tiny(name: str, window: int | None = None):
+    model = build(family(name), Shape(layers=3, kv_heads=2, heads_per_group=2, head_dim=16, width=48, vocab=VOCAB))
+    if name == "mistral":  # the tiny Mistral's window (4) is shorter than IDS: llama.cpp has no sliding window
+        model.config.sliding_window = window
+    return model
 
 
 def slice_by(model, **removals):
@@ -109,6 +112,18 @@ def test_llama_cpp_gives_pytorch_logits(name, plan, tokenizer, tmp_path):
                              f"{expected_arch}.attention.head_count").contents()
     if plan == "per-layer":
         assert heads == [2, 2, 4]
+
+
+@needs_llama_cpp
+def test_mistral_window_becomes_the_trained_context(tokenizer, tmp_path):
+    """llama.cpp attends to the whole context: the file records the window as the context, inside which
+    full attention is sliding-window attention."""
+    model = slice_by(tiny("mistral", window=6), **PLANS["per-layer"])
+    path = export_gguf(model, tokenizer, tmp_path / "m.gguf", dtype="f32")
+    assert gguf.GGUFReader(path).get_field("deci.context_length").contents() == 6
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([IDS[:6]])).logits[0].numpy()
+    np.testing.assert_allclose(llama_cpp_logits(path, IDS[:6]), expected, rtol=RTOL, atol=ATOL)
 
 
 @needs_llama_cpp

@@ -211,7 +211,13 @@ def _write_hparams(writer: gguf.GGUFWriter, config: Any, shapes: Sequence[LayerS
     writer.add_name(str(getattr(config, "_name_or_path", "") or "adaprune-pruned").rstrip("/").split("/")[-1])
     writer.add_file_type(_FILE_TYPES[dtype])
     writer.add_block_count(len(shapes))
-    writer.add_context_length(int(config.max_position_embeddings))
+    context = int(config.max_position_embeddings)
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) is not False and window < context:
+        # llama.cpp's "llama" and "deci" attend to the whole context: up to the window, that is exactly
+        # sliding-window attention, so the trained context recorded is the window (Mistral v0.1: 4096).
+        context = int(window)
+    writer.add_context_length(context)
     writer.add_embedding_length(int(config.hidden_size))
     heads = [s.attention.num_heads for s in shapes]
     kv_heads = [s.attention.num_kv_heads for s in shapes]
