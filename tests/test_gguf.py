@@ -2,8 +2,8 @@
 
 Tiny pruned models of each exported family (llama, mistral, qwen2), with SmolLM2's vocabulary size
 and tokenizer, are written at f32 and run in llama.cpp (llama-cpp-python, the `llama` extra); their
-next-token logits must match PyTorch's at every position: |difference| <= 1e-3 + 1e-3 * |logit|
-(float32 in both; the two sum in different orders). The slow test runs the pruned SmolLM2.
+next-token logits must match PyTorch's at every position: |difference| <= 1e-4 + 1e-4 * |logit|
+(float32 in both, KV cache included; the two sum in different orders: seen ~2e-6). The slow test runs the pruned SmolLM2.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ needs_llama_cpp = pytest.mark.skipif(llama_cpp is None,
 
 VOCAB = 49152  # SmolLM2's
 IDS = [5, 17, 3, 42, 8, 1, 64, 23, 11, 4000, 49151, 7, 300, 12]
-RTOL = ATOL = 1e-3
+RTOL = ATOL = 1e-4
 
 
 def family(name: str):
@@ -67,7 +67,9 @@ def slice_by(model, **removals):
 
 
 def llama_cpp_logits(path, ids) -> np.ndarray:
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, n_threads=1, logits_all=True, verbose=False)
+    # An f32 KV cache (llama.cpp keeps f16 by default): the comparison is of float32 arithmetic only.
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, n_threads=1, logits_all=True, verbose=False,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     llm.eval(ids)
     logits = np.array(llm.scores[: len(ids)], dtype=np.float32)
     llm.close()

@@ -16,10 +16,11 @@ by running it; see docs/deploy.md):
   runs a layer with 0 heads as attention-free and skips one with an MLP width of 0. Llama, Mistral
   and Qwen2 layers are Deci layers (RMSNorm, grouped-query attention with optional q/k/v biases,
   SwiGLU MLP, rotary embeddings), so a model whose shapes differ per layer is written as "deci".
-  Two limits of that code: a layer with attention but an MLP width of 0 drops its attention output
-  as well (its graph `continue`s before adding it to the residual), so a removed MLP is written as
-  one channel of zeros (exactly nothing added, 4 x hidden parameters); and the head size is derived
-  from layer 0's head count, so a model whose layer 0 lost its attention is refused.
+  Two limits of that code: a layer with an MLP width of 0 `continue`s before adding its attention
+  output to the residual and before the last layer's row selection (it drops the attention, and
+  aborts as the last layer), so a removed MLP is written as one channel of zeros (exactly nothing
+  added, 4 x hidden parameters); and the head size is derived from layer 0's head count, so a model
+  whose layer 0 lost its attention is refused.
 
 Rotary embeddings: transformers rotates the two halves of each head (`rotate_half`); llama.cpp's
 "llama" and "deci" rotate adjacent pairs, so their q/k rows (and biases) are permuted per head, as
@@ -175,18 +176,15 @@ def _tensors(model: nn.Module, spec, arch: str, shapes: Sequence[LayerShape], he
             shape = shapes[layer]
             if _is(name, gguf.MODEL_TENSOR.ATTN_NORM, layer) and shape.attention.num_heads == 0:
                 continue  # an attention-free Deci layer reads no attention norm
-            if _is(name, gguf.MODEL_TENSOR.FFN_NORM, layer) and shape.mlp_width == 0 \
-                    and shape.attention.num_heads == 0:
-                continue  # neither block: the layer is skipped whole
             if ROPE_PAIRS[arch] and _is(name, gguf.MODEL_TENSOR.ATTN_Q, layer):
                 array = _permute_pairs(array, shape.attention.num_heads)
             elif ROPE_PAIRS[arch] and _is(name, gguf.MODEL_TENSOR.ATTN_K, layer):
                 array = _permute_pairs(array, shape.attention.num_kv_heads)
         out.append((name, array))
-    # A removed MLP in a layer that keeps attention: one channel of zeros (see the module docstring).
+    # A removed MLP: one channel of zeros (see the module docstring).
     hidden = embed.shape[1]
     for layer, shape in enumerate(shapes):
-        if shape.mlp_width == 0 and shape.attention.num_heads > 0:
+        if shape.mlp_width == 0:
             for tensor, dims in ((gguf.MODEL_TENSOR.FFN_GATE, (1, hidden)), (gguf.MODEL_TENSOR.FFN_UP, (1, hidden)),
                                  (gguf.MODEL_TENSOR.FFN_DOWN, (hidden, 1))):
                 out.append((key[tensor].format(bid=layer) + ".weight", np.zeros(dims, dtype=np.float32)))
@@ -221,8 +219,8 @@ def _write_hparams(writer: gguf.GGUFWriter, config: Any, shapes: Sequence[LayerS
     writer.add_embedding_length(int(config.hidden_size))
     heads = [s.attention.num_heads for s in shapes]
     kv_heads = [s.attention.num_kv_heads for s in shapes]
-    # A removed MLP in a layer with attention is written as one zero channel (module docstring).
-    widths = [s.mlp_width if s.mlp_width or not s.attention.num_heads else 1 for s in shapes]
+    # A removed MLP is written as one zero channel (module docstring).
+    widths = [s.mlp_width or 1 for s in shapes]
     if uniform:
         writer.add_head_count(heads[0])
         writer.add_head_count_kv(kv_heads[0])
@@ -285,7 +283,7 @@ def _pre_tokenizer(data: dict[str, Any]) -> str:
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [step.get("type") for step in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return "smollm"  # digits one by one, then GPT-2's split (SmolLM/SmolLM2)
     pattern = json.dumps(steps[0].get("pattern", {})) if kinds and kinds[0] == "Split" else ""
