@@ -135,6 +135,20 @@ def test_dense_model_keeps_its_own_architecture(tokenizer, tmp_path):
 
 
 @needs_llama_cpp
+def test_tied_embeddings_are_written_once(tokenizer, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                         max_position_embeddings=64, tie_word_embeddings=True)).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    slice_by(model, remove_channels=[[1, 2], list(range(10))])
+    names = [t.name for t in assert_same_logits(model, tokenizer, tmp_path).tensors]
+    assert "token_embd.weight" in names and "output.weight" not in names
+
+
+@needs_llama_cpp
 def test_global_allocation_plan_runs_in_llama_cpp(tokenizer, tmp_path):
     model = tiny("llama")
     pruner = Pruner(model, ratio=0.4, estimators=["magnitude"], allocation="global", units=["kv_groups", "channels"],

@@ -159,17 +159,13 @@ def _tensors(model: nn.Module, spec, arch: str, shapes: Sequence[LayerShape], he
         if id(module) in layer_paths:
             module_layer[path] = layer_paths[id(module)]
     out: list[tuple[str, np.ndarray]] = []
-    seen: set[int] = set()
     for hf_name, param in model.state_dict(keep_vars=True).items():
-        if param.data_ptr() in seen:  # tied weights: llama.cpp reuses the embedding when no output is given
-            continue
-        seen.add(param.data_ptr())
-        if tied and param is output.weight:
-            continue
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise ExportError(f"No llama.cpp tensor name for {hf_name!r} in the {arch} architecture; this model "
                               "has a module llama.cpp does not run.")
+        if tied and name == key[gguf.MODEL_TENSOR.OUTPUT] + ".weight":
+            continue  # tied: llama.cpp reuses token_embd when the file has no output tensor
         array = param.detach().to(torch.float32).cpu().numpy()
         layer = _layer_of(name)
         if layer is not None:
