@@ -33,7 +33,7 @@ RESULTS = Path(__file__).parent / "results"
 RATIOS = (0.2, 0.5)
 TYPES = ("f16", "q8_0")
 THREADS = 2
-PROMPT = int(__import__("os").environ.get("DEPLOY_PROMPT", 128))  # prompt-processing tokens
+PROMPT = 128  # prompt-processing tokens
 GENERATE = 64  # generated tokens, after a 16-token prompt
 SEQ_LEN = 128  # perplexity windows
 CALIBRATION_SAMPLES = 32
@@ -64,17 +64,18 @@ def worker(args: argparse.Namespace) -> None:
             llm.eval([token])
         out["tg_tokens_per_second"] = GENERATE / (time.perf_counter() - start)
     else:
+        seq_len = task["seq_len"]
         stream = np.array(task["tokens"], dtype=np.int64)
-        windows = stream[: task["windows"] * SEQ_LEN].reshape(task["windows"], SEQ_LEN)
+        windows = stream[: task["windows"] * seq_len].reshape(task["windows"], seq_len)
         nll = 0.0
         for window in windows:
             llm.reset()
             llm.eval(window.tolist())
-            logits = np.array(llm.scores[: SEQ_LEN - 1], dtype=np.float64)
+            logits = np.array(llm.scores[: seq_len - 1], dtype=np.float64)
             top = logits.max(-1, keepdims=True)
-            logz = (top[:, 0] + np.log(np.exp(logits - top).sum(-1)))
-            nll += float((logz - logits[np.arange(SEQ_LEN - 1), window[1:]]).sum())
-        out["nll"] = nll / (task["windows"] * (SEQ_LEN - 1))
+            logz = top[:, 0] + np.log(np.exp(logits - top).sum(-1))
+            nll += float((logz - logits[np.arange(seq_len - 1), window[1:]]).sum())
+        out["nll"] = nll / (task["windows"] * (seq_len - 1))
         out["perplexity"] = math.exp(out["nll"])
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path(task["out"]).write_text(json.dumps(out))
@@ -84,7 +85,7 @@ def run_worker(path: Path, kind: str, tokens: list[int], folder: Path, windows: 
     task = folder / f"task-{path.stem}-{kind}.json"
     out = folder / f"out-{path.stem}-{kind}.json"
     task.write_text(json.dumps({"path": str(path), "kind": kind, "tokens": tokens, "windows": windows,
-                                "out": str(out)}))
+                                "seq_len": SEQ_LEN, "out": str(out)}))
     subprocess.run([sys.executable, __file__, "--worker", str(task)], check=True)
     return json.loads(out.read_text())
 
