@@ -179,6 +179,10 @@ def test_q8_0_and_f16_files_run_close_to_pytorch(tokenizer, tmp_path):
         assert np.mean(actual.argmax(-1) == expected.argmax(-1)) >= 0.85
         assert np.abs(actual - expected).max() <= 0.05 * np.abs(expected).max()
     assert sizes["q8_0"] < sizes["f16"] < sizes["f32"]
+    # q8_0 pads the MLP widths (46, 28, 48) to whole 32-blocks with zero channels, and quantizes all.
+    reader = gguf.GGUFReader(tmp_path / "q8_0.gguf")
+    assert reader.get_field("deci.feed_forward_length").contents() == [64, 32, 64]
+    assert {t.tensor_type for t in reader.tensors if len(t.shape) == 2} == {gguf.GGMLQuantizationType.Q8_0}
 
 
 # ---- bad input ---------------------------------------------------------------------------------

@@ -68,8 +68,9 @@ def export_gguf(
 ) -> Path:
     """Write `model` and `tokenizer` to the GGUF file `path`, for llama.cpp; return the path.
 
-    `dtype`: "f32", "f16" (1-D tensors stay f32, as in llama.cpp's converter) or "q8_0" (matrices
-    whose rows are not a multiple of 32 long stay f16). `source_gguf`: the GGUF file the model was
+    `dtype`: "f32", "f16" (1-D tensors stay f32, as in llama.cpp's converter) or "q8_0" (MLP
+    widths are padded with zero channels to a multiple of 32, which adds exactly nothing, so that
+    every projection is quantized; other matrices whose rows are not whole 32-blocks stay f16). `source_gguf`: the GGUF file the model was
     loaded from (SmolLM2's, say): its tokenizer and chat-template metadata are copied verbatim, so
     llama.cpp tokenizes as it did with the original file. Without it, the vocabulary is built from
     the transformers tokenizer (byte-level BPE only).
@@ -102,11 +103,16 @@ def export_gguf(
     if not os.access(target.parent, os.W_OK):
         raise ExportError(f"Cannot write {target}: the folder {target.parent} is not writable; choose another path.")
 
-    tensors = _tensors(model, spec, arch, shapes, head_dim)
+    # q8_0 stores rows in blocks of 32: MLP widths are padded with zero channels (exactly nothing
+    # added: silu(0) * 0 = 0) so that the down projection is quantized too; a removed MLP is one
+    # zero channel (module docstring), padded alike.
+    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] if dtype == "q8_0" else 1
+    widths = [-(-max(s.mlp_width, 1) // block) * block for s in shapes]
+    tensors = _tensors(model, spec, arch, shapes, widths)
     vocab_rows = model.get_input_embeddings().weight.shape[0]
     with atomic_path(target) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
-        _write_hparams(writer, config, shapes, native, head_dim, vocab_rows, dtype)
+        _write_hparams(writer, config, shapes, widths, native, head_dim, vocab_rows, dtype)
         _write_vocab(writer, tokenizer, vocab_rows, source_gguf)
         for name, array in tensors:
             _add_tensor(writer, name, array, dtype)
@@ -145,7 +151,7 @@ def _permute_pairs(rows: np.ndarray, heads: int) -> np.ndarray:
     return rows.reshape(heads, 2, half, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
-def _tensors(model: nn.Module, spec, arch: str, shapes: Sequence[LayerShape], head_dim: int
+def _tensors(model: nn.Module, spec, arch: str, shapes: Sequence[LayerShape], widths: Sequence[int]
              ) -> list[tuple[str, np.ndarray]]:
     """(GGUF name, float32 array) of every tensor llama.cpp reads, in the file's order."""
     names = gguf.get_tensor_name_map(_arch_enum(arch), len(shapes))
@@ -176,13 +182,20 @@ def _tensors(model: nn.Module, spec, arch: str, shapes: Sequence[LayerShape], he
                 array = _permute_pairs(array, shape.attention.num_heads)
             elif ROPE_PAIRS[arch] and _is(name, gguf.MODEL_TENSOR.ATTN_K, layer):
                 array = _permute_pairs(array, shape.attention.num_kv_heads)
+            pad = widths[layer] - shape.mlp_width
+            if pad and (_is(name, gguf.MODEL_TENSOR.FFN_GATE, layer) or _is(name, gguf.MODEL_TENSOR.FFN_UP, layer)):
+                array = np.concatenate([array, np.zeros((pad, *array.shape[1:]), dtype=array.dtype)])
+            elif pad and _is(name, gguf.MODEL_TENSOR.FFN_DOWN, layer) and name.endswith(".weight"):
+                array = np.concatenate([array, np.zeros((array.shape[0], pad), dtype=array.dtype)], axis=1)
         out.append((name, array))
-    # A removed MLP: one channel of zeros (see the module docstring).
+    # A removed MLP: zero channels (see the module docstring).
     hidden = embed.shape[1]
     for layer, shape in enumerate(shapes):
         if shape.mlp_width == 0:
-            for tensor, dims in ((gguf.MODEL_TENSOR.FFN_GATE, (1, hidden)), (gguf.MODEL_TENSOR.FFN_UP, (1, hidden)),
-                                 (gguf.MODEL_TENSOR.FFN_DOWN, (hidden, 1))):
+            width = widths[layer]
+            for tensor, dims in ((gguf.MODEL_TENSOR.FFN_GATE, (width, hidden)),
+                                 (gguf.MODEL_TENSOR.FFN_UP, (width, hidden)),
+                                 (gguf.MODEL_TENSOR.FFN_DOWN, (hidden, width))):
                 out.append((key[tensor].format(bid=layer) + ".weight", np.zeros(dims, dtype=np.float32)))
     return out
 
@@ -200,7 +213,8 @@ def _arch_enum(arch: str) -> gguf.MODEL_ARCH:
     return next(enum for enum, value in gguf.MODEL_ARCH_NAMES.items() if value == arch)
 
 
-def _write_hparams(writer: gguf.GGUFWriter, config: Any, shapes: Sequence[LayerShape], uniform: bool,
+def _write_hparams(writer: gguf.GGUFWriter, config: Any, shapes: Sequence[LayerShape], widths: Sequence[int],
+                   uniform: bool,
                    head_dim: int, vocab_rows: int, dtype: str) -> None:
     writer.add_name(str(getattr(config, "_name_or_path", "") or "adaprune-pruned").rstrip("/").split("/")[-1])
     writer.add_file_type(_FILE_TYPES[dtype])
@@ -215,8 +229,6 @@ def _write_hparams(writer: gguf.GGUFWriter, config: Any, shapes: Sequence[LayerS
     writer.add_embedding_length(int(config.hidden_size))
     heads = [s.attention.num_heads for s in shapes]
     kv_heads = [s.attention.num_kv_heads for s in shapes]
-    # A removed MLP is written as one zero channel (module docstring).
-    widths = [s.mlp_width or 1 for s in shapes]
     if uniform:
         writer.add_head_count(heads[0])
         writer.add_head_count_kv(kv_heads[0])
