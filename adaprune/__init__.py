@@ -12,10 +12,12 @@ from .errors import (
     CalibrationError,
     ConfigurationError,
     EstimatorError,
+    ExportError,
     PlanError,
     UnsupportedArchitectureError,
 )
 from .estimators.base import Estimator
+from .export.gguf import export_gguf
 from .hookspecs import hookimpl
 from .pipeline import DEFAULTS, PruneConfig, Pruner
 from .plan import LayerPlan, Plan
@@ -36,6 +38,7 @@ __all__ = [
     "DEFAULTS",
     "Estimator",
     "EstimatorError",
+    "ExportError",
     "LayerPlan",
     "Level",
     "Plan",
@@ -51,6 +54,7 @@ __all__ = [
     "UnitTable",
     "UnsupportedArchitectureError",
     "detect_spec",
+    "export_gguf",
     "hookimpl",
     "list_estimators",
     "recover",

@@ -23,3 +23,7 @@ class EstimatorError(AdapruneError, ValueError):
 
 class ConfigurationError(AdapruneError, ValueError):
     """An argument of the Pruner is out of range or unknown."""
+
+
+class ExportError(AdapruneError, ValueError):
+    """A model cannot be written in the asked format, or the target cannot be written."""

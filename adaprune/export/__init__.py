@@ -1,1 +1,2 @@
-"""Leaving adaprune: a config kept true (`config`), the generated modeling file (`modeling`)."""
+"""Leaving adaprune: a config kept true (`config`), the generated modeling file (`modeling`),
+and a GGUF file for llama.cpp (`gguf`)."""

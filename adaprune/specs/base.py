@@ -163,6 +163,9 @@ class ArchSpec(ABC):
     #: The blocks that may be removed whole (see `Block`); None: this family cannot drop that block.
     attention_block: ClassVar[Block | None] = None
     mlp_block: ClassVar[Block | None] = None
+    #: llama.cpp's architecture name for this family (`general.architecture` of a GGUF file), for
+    #: `adaprune.export.gguf.export_gguf`; None: llama.cpp runs no model of this family, export refuses it.
+    gguf_arch: ClassVar[str | None] = None
     #: Config keys that give every projection of a block a bias (Llama's `attention_bias`,
     #: `mlp_bias`): a stage that needs a bias the model lacks may add zero biases to the whole
     #: block in every layer and set the key, which the stock config then describes.

@@ -36,6 +36,7 @@ class LlamaSpec(ArchSpec):
     # The decoder layer adds each block's output to the residual; attention returns (output, weights).
     attention_block = Block("self_attn", outputs=2, caches=True)
     mlp_block = Block("mlp")
+    gguf_arch = "llama"  # Mistral too: llama.cpp runs Mistral checkpoints as "llama"
     bias_switches = {BlockKind.ATTENTION: "attention_bias", BlockKind.MLP: "mlp_bias"}
 
     def layer_shape(self, model: nn.Module, layer: nn.Module) -> LayerShape:

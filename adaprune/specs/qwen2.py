@@ -13,4 +13,5 @@ class Qwen2Spec(LlamaSpec):
     name = "qwen2"
     model_types = ("qwen2",)
     architectures = ("Qwen2ForCausalLM",)
+    gguf_arch = "qwen2"
     bias_switches = {}  # its biases are fixed by the modeling code, not switched by the config

@@ -1,4 +1,4 @@
-"""The command line: `adaprune prune`, `eval`, `recover`, `report`, `demo`. Its defaults are the API's (`adaprune.pipeline.DEFAULTS`)."""
+"""The command line: `adaprune prune`, `eval`, `recover`, `export`, `report`, `demo`. Its defaults are the API's (`adaprune.pipeline.DEFAULTS`)."""
 
 from __future__ import annotations
 
@@ -120,9 +120,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.mc and args.text is None:
         raise AdapruneError("--mc is scored beside the perplexity of --text; give --text FILE too, or put the task in "
                             "a suite file and use --suite.")
-    if args.text is None and not (args.suite or args.lm_eval):
+    if args.text is None and not (args.suite or args.lm_eval or args.speed):
         raise AdapruneError("nothing to evaluate: give --text FILE (perplexity), --suite FILE_OR_NAME (the zero-shot "
-                            "suite, e.g. --suite candidates) or --lm-eval TASKS.")
+                            "suite, e.g. --suite candidates), --lm-eval TASKS or --speed (tokens per second).")
     suite = None
     if args.suite:  # read before the model loads, so that a bad suite or a missing task fails fast
         from .suite import check_suite_files, load_suite
@@ -139,6 +139,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         except ValueError as error:
             raise AdapruneError(f"{error}; give a BIG-bench multiple-choice JSON task (an 'examples' list, each "
                                 "with an 'input' and 'target_scores' mapping every choice to a score).") from error
+    if args.speed_baseline and not args.speed:
+        raise AdapruneError("--speed-baseline needs --speed.")
+    if args.text is None and args.speed and not (args.suite or args.lm_eval):
+        return _eval_speed(args)
     texts = read_texts(args.text) if args.text is not None else None
     model, tokenizer = load_model(args.model, args.trust_remote_code)
     result: dict[str, Any] = {"model": args.model, "params": sum(p.numel() for p in model.parameters())}
@@ -174,6 +178,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                              batch_size=args.batch_size)
         for task, metrics in result["lm_eval"]["results"].items():
             print(f"lm-eval {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    if args.speed:
+        result["speed"] = _speed(model, args)
+        summary += "\n" + _speed_summary(result["speed"])
     if args.json:
         write_text(args.json, json.dumps(result, indent=1, default=str))
         summary += ("; " if summary else "") + f"written to {args.json}"
@@ -236,6 +243,71 @@ def cmd_recover(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a (pruned) checkpoint as a GGUF file for llama.cpp."""
+    from ..export.gguf import DTYPES, export_gguf
+
+    if args.type not in DTYPES:
+        raise AdapruneError(f"--type must be one of {', '.join(DTYPES)}, got {args.type!r}.")
+    model, tokenizer = load_model(args.model, args.trust_remote_code)
+    # A model read from a GGUF file keeps that file's tokenizer metadata (chat template, special tokens).
+    source = args.metadata_from or (args.model if args.model.endswith(".gguf") else None)
+    path = export_gguf(model, tokenizer, args.gguf, dtype=args.type, source_gguf=source)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.type}); run it with llama.cpp, "
+          f"e.g. llama-cli -m {path}")
+    return 0
+
+
+def speed_report(model, baseline=None, rounds: int = 3) -> dict[str, Any]:
+    """Generation and prompt-processing tokens/s of `model` (and of `baseline`, measured in alternation)."""
+    import statistics
+
+    from .demo import SPEEDS
+
+    models = {"model": model} if baseline is None else {"baseline": baseline, "model": model}
+    samples: dict[str, dict[str, list[float]]] = {name: {key: [] for key in SPEEDS} for name in models}
+    for _ in range(rounds):  # in alternation: a noisy machine slows both alike
+        for name, m in models.items():
+            for key, (_, measure) in SPEEDS.items():
+                samples[name][key].append(measure(m))
+    result: dict[str, Any] = {name: {key: statistics.median(v) for key, v in values.items()}
+                              for name, values in samples.items()}
+    if baseline is not None:
+        result["speedup"] = {key: result["model"][key] / result["baseline"][key] for key in SPEEDS}
+    result["rounds"] = rounds
+    return result
+
+
+def _speed(model, args: argparse.Namespace) -> dict[str, Any]:
+    baseline = load_model(args.speed_baseline, args.trust_remote_code)[0] if args.speed_baseline else None
+    return speed_report(model, baseline)
+
+
+def _speed_summary(speed: dict[str, Any]) -> str:
+    from .demo import SPEEDS
+
+    lines = []
+    for key, (label, _) in SPEEDS.items():
+        line = f"{label}: {speed['model'][key]:.1f}"
+        if "speedup" in speed:
+            line += f" (baseline {speed['baseline'][key]:.1f}; speed-up {speed['speedup'][key]:.2f}x)"
+        lines.append(line)
+    lines.append(f"(medians of {speed['rounds']} rounds" +
+                 (", model and baseline in alternation)" if "speedup" in speed else ")"))
+    return "\n".join(lines)
+
+
+def _eval_speed(args: argparse.Namespace) -> int:
+    model, _ = load_model(args.model, args.trust_remote_code)
+    result = {"model": args.model, "params": sum(p.numel() for p in model.parameters()), "speed": _speed(model, args)}
+    summary = _speed_summary(result["speed"])
+    if args.json:
+        write_text(args.json, json.dumps(result, indent=1))
+        summary += f"\nwritten to {args.json}"
+    print(summary)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """Print a plan's per-layer table; with --plot, draw it."""
     from .plan_view import load_plan, plan_table, plot_plan
@@ -293,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("model", help="checkpoint folder or .gguf file")
     evaluate.add_argument("--text", default=None,
                           help="text: JSON list of strings, or plain text whose documents are split by blank lines "
-                               "(needed unless --suite or --lm-eval is given)")
+                               "(needed unless --suite, --lm-eval or --speed is given)")
     evaluate.add_argument("--seq-len", type=int, default=128, help="tokens per non-overlapping window")
     evaluate.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (and lm-eval's batch size)")
     evaluate.add_argument("--max-windows", type=int, default=None, help="use at most this many windows")
@@ -313,6 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", default=None, help="write the results JSON here")
     evaluate.add_argument("--trust-remote-code", action="store_true",
                           help="allow the modeling file a pruned checkpoint brings (layers that differ)")
+    evaluate.add_argument("--speed", action="store_true",
+                          help="also measure generation (batch 1) and prompt-processing tokens/s in PyTorch")
+    evaluate.add_argument("--speed-baseline", default=None, metavar="DENSE",
+                          help="with --speed: measure this model too, in alternation, and report speed-ups")
     evaluate.set_defaults(func=cmd_eval)
 
     recover = sub.add_parser("recover", help="LoRA recovery of a pruned checkpoint (adapters merged back)")
@@ -337,6 +413,16 @@ def build_parser() -> argparse.ArgumentParser:
     recover.add_argument("--trust-remote-code", action="store_true",
                          help="allow the modeling file a pruned checkpoint brings (layers that differ)")
     recover.set_defaults(func=cmd_recover)
+
+    export = sub.add_parser("export", help="write a (pruned) checkpoint as a GGUF file for llama.cpp")
+    export.add_argument("model", help="checkpoint folder or .gguf file")
+    export.add_argument("--gguf", required=True, help="the GGUF file to write")
+    export.add_argument("--type", default="f16", help="tensor type: f16 (default), q8_0 or f32")
+    export.add_argument("--metadata-from", default=None, metavar="GGUF",
+                        help="the GGUF file the model came from: copy its tokenizer and chat template")
+    export.add_argument("--trust-remote-code", action="store_true",
+                        help="allow the modeling file a pruned checkpoint brings (layers that differ)")
+    export.set_defaults(func=cmd_export)
 
     report = sub.add_parser("report", help="print a plan per layer; with --plot, draw it")
     report.add_argument("plan", help="plan JSON, or a pruned checkpoint folder holding adaprune_plan.json")
