@@ -185,13 +185,19 @@ def _can_create_in(folder: Path) -> bool:
     return True
 
 
-def check_writable_file(path: str | os.PathLike[str], option: str) -> Path:
+def check_writable_file(path: str | os.PathLike[str], option: str,
+                        inputs: Iterable[str | os.PathLike[str]] = ()) -> Path:
     """Refuse, before any work, a file path that cannot be written; `option` names it in the message.
 
     Missing parent folders are fine (they are created); a parent that is a file, a path that is a
-    folder, or a folder adaprune cannot create files in is not.
+    folder, one of the `inputs` or a file inside one, or a folder adaprune cannot create files in is not.
     """
     target = Path(path)
+    resolved = target.resolve()
+    for source in inputs:
+        source_resolved = Path(source).resolve()
+        if resolved == source_resolved or source_resolved in resolved.parents:
+            raise OutputError(f"{option} {path} would overwrite the input {source}; write it somewhere else.")
     if target.is_dir():
         raise OutputError(f"{option} {path} is a folder; give a file path inside it, e.g. {target / 'out.json'}.")
     existing = _nearest_existing(target.parent)
