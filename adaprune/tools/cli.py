@@ -495,12 +495,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    """The message on one line (errors quoted from other libraries may span several)."""
+    return " ".join(str(error).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except AdapruneError as error:
-        print(f"adaprune: error: {error}", file=sys.stderr)
+        print(f"adaprune: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         # Every output is written to a temporary sibling and renamed into place: none is half-written.
@@ -515,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # a bug, not bad input: one line, with the way to the traceback
         if os.environ.get("ADAPRUNE_TRACEBACK"):
             raise
-        print(f"adaprune: error: unexpected {type(error).__name__}: {error}. This is likely a bug in adaprune; "
+        print(f"adaprune: error: unexpected {type(error).__name__}: {_one_line(error)}. This is likely a bug in adaprune; "
               "rerun with ADAPRUNE_TRACEBACK=1 to see where, and report it.", file=sys.stderr)
         return 1
 
