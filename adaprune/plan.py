@@ -524,8 +524,6 @@ def check_plan_dict(data: Any) -> None:
     if "scores" in data:
         _check_scores(data["scores"], len(shapes), version)
     if "block_scores" in data:
-        if version < 3:
-            raise _fail("block_scores", f"appeared in plan version 3, this plan says version {version}")
         _check_block_scores(data["block_scores"], len(shapes))
     if "stages" in data:
         if not isinstance(data["stages"], dict):

@@ -34,9 +34,9 @@ from adaprune import (
     Pruner,
     ScoreCache,
 )
-from adaprune.cli import main
+from adaprune.tools.cli import main
 from adaprune.errors import AdapruneError
-from adaprune.specs import detect_spec
+from adaprune.plugins import detect_spec
 from conftest import random_batches
 from families import FAMILIES, Shape, build
 from test_cli_eval_report import word_tokenizer
@@ -241,7 +241,7 @@ API_CASES: list[ApiCase] = [
     ApiCase("units-unknown", lambda w: w.pruner(units=["neurons"]), ConfigurationError, r"Unknown unit 'neurons'. Choose among"),
     ApiCase("units-empty", lambda w: w.pruner(units=[]), ConfigurationError, r"units is empty; choose at least one"),
     ApiCase("units-both-head-kinds", lambda w: w.pruner(units=["kv_groups", "query_heads"]), ConfigurationError, r"not both"),
-    ApiCase("units-blocks-uniform", lambda w: w.pruner(units=["blocks"]), ConfigurationError, r"only removed by allocation='global'.*choose allocation='global'"),
+    ApiCase("units-blocks-uniform", lambda w: w.pruner(units=["blocks"]), ConfigurationError, r"only removed by an allocation that removes blocks.*choose allocation='global'"),
     ApiCase("units-blocks-unsupported", lambda w: w.pruner(units=["blocks"], allocation="global"), ConfigurationError, r"cannot run without", only=_no_blocks),
     ApiCase("estimators-empty", lambda w: w.pruner(estimators=[]), ConfigurationError, r"estimators is empty; name at least one"),
     ApiCase("estimator-unknown", lambda w: w.pruner(estimators=["tailor"]), EstimatorError, r"Unknown estimator 'tailor'. Available: .*taylor"),
@@ -252,7 +252,7 @@ API_CASES: list[ApiCase] = [
     ApiCase("multiple-zero", lambda w: w.pruner(multiple=0), ConfigurationError, r"multiple must be a positive integer"),
     ApiCase("multiple-float", lambda w: w.pruner(multiple=2.5), ConfigurationError, r"multiple must be a positive integer"),
     ApiCase("layers-outside", lambda w: w.pruner(layers=[7]), ConfigurationError, r"names layer 7, but the model has 3 layers"),
-    ApiCase("layers-garbage", lambda w: w.pruner(layers="abc"), ConfigurationError, r"not a 'start:stop' range"),
+    ApiCase("layers-garbage", lambda w: w.pruner(layers="abc"), ConfigurationError, r"neither a layer index nor a 'start:stop' range.*e.g."),
     # -- planning
     ApiCase("calibration-empty", lambda w: w.pruner(estimators=["taylor"]).plan([]), CalibrationError, r"calibration set is empty.*token_batches"),
     ApiCase("calibration-missing", lambda w: w.pruner(estimators=["taylor"]).plan(), ConfigurationError, r"taylor.*need calibration data: pass"),
@@ -418,12 +418,12 @@ CLI_CASES: list[CliCase] = [
     CliCase("prune-estimators-empty", [*PRUNE, "--estimators", ",", *OUT], r"--estimators is empty; name at least one"),
     CliCase("prune-estimator-unknown", [*PRUNE, "--estimators", "tailor", *OUT], r"Unknown estimator 'tailor'. Available"),
     CliCase("prune-fusion-unknown", [*PRUNE, "--fusion", "magic", *OUT], r"Unknown fusion policy 'magic'. Available"),
-    CliCase("prune-allocation-unknown", [*PRUNE, "--allocation", "greedy", *OUT], r"Unknown allocation 'greedy': choose one of global, uniform"),
+    CliCase("prune-allocation-unknown", [*PRUNE, "--allocation", "greedy", *OUT], r"Unknown allocation 'greedy'. Available: global, uniform"),
     CliCase("prune-units-unknown", [*PRUNE, "--units", "neurons", *OUT], r"Unknown unit 'neurons'. Choose among"),
     CliCase("prune-units-empty", [*PRUNE, "--units", ",", *OUT], r"units is empty"),
-    CliCase("prune-units-blocks-uniform", [*PRUNE, "--units", "blocks", *OUT], r"only removed by allocation='global'"),
-    CliCase("prune-layers-garbage", [*PRUNE, "--layers", "a:b", *OUT], r"not a 'start:stop' range"),
-    CliCase("prune-layers-none-eligible", [*PRUNE, "--layers", "5:9", *OUT], r"No eligible layer to prune; widen layers="),
+    CliCase("prune-units-blocks-uniform", [*PRUNE, "--units", "blocks", *OUT], r"only removed by an allocation that removes blocks.*choose allocation='global'"),
+    CliCase("prune-layers-garbage", [*PRUNE, "--layers", "a:b", *OUT], r"(is not|neither) .*'start:stop' range.*e\.g\."),
+    CliCase("prune-layers-none-eligible", [*PRUNE, "--layers", "5:9", *OUT], r"selects no layer of the 3; widen the range"),
     CliCase("prune-model-missing", ["prune", "{root}/nowhere", *CALIB, *OUT], r"does not exist: give a checkpoint folder"),
     CliCase("prune-model-is-text", ["prune", "{root}/text.txt", *CALIB, *OUT], r"is a file, not a checkpoint: give a checkpoint folder"),
     CliCase("prune-model-empty-folder", ["prune", "{root}/folder", *CALIB, *OUT], r"Could not load a causal language model.*give a transformers checkpoint folder"),
@@ -470,7 +470,7 @@ def test_cli_bad_input(files, case, capsys):
 
 def test_cli_bad_input_in_a_subprocess_is_one_line(files):
     """The installed entry point too: one line on stderr, status 2, no traceback."""
-    run = subprocess.run([sys.executable, "-m", "adaprune.cli", *[a.replace("{root}", str(files)) for a in
+    run = subprocess.run([sys.executable, "-m", "adaprune", *[a.replace("{root}", str(files)) for a in
                           [*PRUNE, "--samples", "0", *OUT]]], capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.strip().count("\n") == 0, run.stderr
     assert run.stderr.startswith("adaprune: error: --samples must be at least 1")
