@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from ..errors import AdapruneError
 from ..io import atomic_directory, check_output_folder, check_writable_file, write_text
@@ -516,6 +517,10 @@ def main(argv: list[str] | None = None) -> int:
         where = f" ({error.filename})" if error.filename else ""
         print(f"adaprune: error: {error.strerror or error}{where}; check the path, its permissions and the free "
               "disk space. Nothing half-written was left.", file=sys.stderr)
+        return 2
+    except SafetensorError as error:  # safetensors reports a failed write (a full disk) as its own error
+        print(f"adaprune: error: {_one_line(error)}; check the free disk space and the path. Nothing half-written "
+              "was left.", file=sys.stderr)
         return 2
     except Exception as error:  # a bug, not bad input: one line, with the way to the traceback
         if os.environ.get("ADAPRUNE_TRACEBACK"):
