@@ -107,12 +107,6 @@ def _ids(value: Any, what: str) -> torch.Tensor:
 def _unpadded(ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
     """The rows of a padded batch without their padding, batched by length (padding never reaches the
     model, so it is neither in the loss nor in any statistic, for every estimator and stage alike)."""
-    if mask.shape != ids.shape:
-        raise CalibrationError(f"A calibration batch's attention_mask has shape {tuple(mask.shape)}, its input_ids "
-                               f"{tuple(ids.shape)}; give a mask of the same shape (1 = token, 0 = padding).")
-    if ((mask != 0) & (mask != 1)).any():
-        raise CalibrationError("A calibration batch's attention_mask holds values other than 0 and 1; give 1 for "
-                               "tokens and 0 for padding.")
     rows: dict[int, list[torch.Tensor]] = {}
     for row, keep in zip(ids, mask.bool()):
         positions = torch.nonzero(keep).flatten()
@@ -153,6 +147,13 @@ def as_batches(calibration: Iterable) -> list[torch.Tensor]:
         if mask is not None:
             mask = _ids(mask, "attention_mask")
             mask = mask.unsqueeze(0) if mask.dim() == 1 else mask
+            if mask.shape != batch.shape:
+                raise CalibrationError(f"A calibration batch's attention_mask has shape {tuple(mask.shape)}, its "
+                                       f"input_ids {tuple(batch.shape)}; give a mask of the same shape (1 = token, "
+                                       "0 = padding).")
+            if ((mask != 0) & (mask != 1)).any():
+                raise CalibrationError("A calibration batch's attention_mask holds values other than 0 and 1; give 1 "
+                                       "for tokens and 0 for padding.")
             if not bool(mask.all()):
                 batches.extend(_unpadded(batch, mask))
                 continue
