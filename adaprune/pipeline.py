@@ -17,6 +17,7 @@ import numbers
 import resource
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from .allocation.budget import Budget, check_multiple, eligible_layers
 from .apply.compensation import check_biases, compensation_entries, input_means
 from .apply.mask import MaskHandle, mask
 from .apply.slicing import slice_model
-from .errors import AdapruneError, ConfigurationError, EstimatorError
+from .errors import AdapruneError, ConfigurationError, EstimatorError, FusionWarning
 from .estimators.base import Estimator, Scores
 from .export.config import sync_config
 from .fusion.base import FusionContext
@@ -221,6 +222,8 @@ class Pruner:
                                 self.progress)
         with self._timed("fusion"), torch.enable_grad():
             fused = self.fusion.fuse(candidates, context)
+        for warning in fused.warnings:  # recorded in the plan, and said where people look
+            warnings.warn(FusionWarning(f"fusion {self.fusion.name}: {warning}"), stacklevel=2)
         with self._timed("allocation"):
             layer_plans = select(fused.scores)
         plan = Plan(

@@ -208,6 +208,26 @@ def _cache_of_other_model(world: World) -> ScoreCache:
     return Pruner(other, estimators=["magnitude"], progress=False).score()
 
 
+def _meta_copy(world: World) -> torch.nn.Module:
+    with torch.device("meta"):
+        return type(world.model)(world.model.config)
+
+
+def _has_peft() -> bool:
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _lora(world: World) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    names = {"llama": ["q_proj"], "opt": ["q_proj"], "bloom": ["query_key_value"]}[world.family]
+    return get_peft_model(copy.deepcopy(world.model), LoraConfig(r=2, target_modules=names))
+
+
 def _grouped(world: World) -> bool:
     return detect_spec(world.model).name == "llama"
 
@@ -264,6 +284,17 @@ API_CASES: list[ApiCase] = [
     ApiCase("scores-of-other-model", lambda w: w.pruner().plan(scores=_cache_of_other_model(w)), ConfigurationError, r"made for another model.*score this model"),
     ApiCase("scores-other-estimator", lambda w: w.pruner(estimators=["taylor"]).plan(scores=w.pruner().score()), ConfigurationError, r"not of estimator 'taylor'; score again"),
     ApiCase("compensation-without-bias", lambda w: w.pruner(estimators=[{"name": "fluctuation", "compensate": True}]).plan(random_batches(w.vocab)), ConfigurationError, r"have no bias.*plan without compensate=True", only=_has_no_bias),
+    ApiCase("token-ids-beyond-vocab", lambda w: w.pruner(estimators=["taylor"]).plan([torch.full((1, 6), w.vocab)]), CalibrationError, r"token ids from \d+ to \d+, but the model's vocabulary has ids 0 to \d+; tokenize with this model's own tokenizer"),
+    ApiCase("token-ids-negative", lambda w: w.pruner(estimators=["taylor"]).plan([torch.full((1, 6), -1)]), CalibrationError, r"from -1 to -1.*tokenize with this model's own tokenizer"),
+    ApiCase("token-ids-float", lambda w: w.pruner(estimators=["taylor"]).plan([torch.rand(1, 6)]), CalibrationError, r"holds torch.float32 values; token ids must be integers"),
+    ApiCase("sequence-too-long", lambda w: w.pruner(estimators=["taylor"]).plan([torch.ones(1, 65, dtype=torch.long)]), CalibrationError, r"65 tokens, more than the model's max_position_embeddings \(64\); cut the sequences", only=lambda w: w.family != "bloom"),
+    ApiCase("mask-shape", lambda w: w.pruner(estimators=["taylor"]).plan([{"input_ids": torch.ones(2, 6, dtype=torch.long), "attention_mask": torch.ones(2, 5)}]), CalibrationError, r"attention_mask has shape \(2, 5\).*give a mask of the same shape"),
+    ApiCase("mask-holes", lambda w: w.pruner(estimators=["taylor"]).plan([{"input_ids": torch.ones(1, 6, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 0, 1, 1, 1]])}]), CalibrationError, r"padding between its tokens.*Give each sequence as its own row"),
+    ApiCase("mask-only-padding", lambda w: w.pruner(estimators=["taylor"]).plan([{"input_ids": torch.ones(1, 6, dtype=torch.long), "attention_mask": torch.zeros(1, 6, dtype=torch.long)}]), CalibrationError, r"empty \(or only padding\)"),
+    ApiCase("mapping-without-ids", lambda w: w.pruner(estimators=["taylor"]).plan([{"ids": torch.ones(1, 6)}]), CalibrationError, r"without 'input_ids' \(keys: ids\)"),
+    ApiCase("meta-device-model", lambda w: Pruner(_meta_copy(w)), ConfigurationError, r"on the meta device.*Load the model with its weights"),
+    ApiCase("peft-lora-model", lambda w: Pruner(_lora(w)), ConfigurationError, r"holds peft adapters.*merge_and_unload\(\)", only=lambda w: _has_peft()),
+    ApiCase("not-a-module", lambda w: Pruner("model"), ConfigurationError, r"must be a torch.nn.Module"),
     # -- applying
     ApiCase("apply-mode-unknown", lambda w: w.pruner().apply(w.plan, mode="cut"), ConfigurationError, r"mode must be one of"),
     ApiCase("restore-without-mask", lambda w: w.pruner().restore(), ConfigurationError, r"Nothing to restore: restore\(\) undoes apply"),
@@ -479,3 +510,29 @@ def test_cli_bad_input_in_a_subprocess_is_one_line(files):
 def test_the_table_is_large_enough():
     families = len(FAMILY_NAMES)
     assert len(API_CASES) * families + len(CLI_CASES) >= 100
+
+
+# ---- warnings: said where people look, not only recorded ----------------------------------------------
+def test_fusion_warnings_are_python_warnings(world):
+    from adaprune.errors import FusionWarning
+
+    with pytest.warns(FusionWarning, match="no calibration batches to train on"):
+        plan = world.pruner(fusion="adaptive").plan()
+    assert any("no calibration batches" in w for w in plan.fusion["warnings"])
+
+
+def test_saving_a_masked_model_warns_how_to_slice(world, tmp_path):
+    from adaprune.errors import MaskedModelWarning
+
+    model = copy.deepcopy(world.model)
+    pruner = Pruner(model, ratio=0.3, estimators=["magnitude"], fusion="fixed", reconstruct=False, progress=False)
+    pruner.apply(pruner.plan(), mode="mask")
+    with pytest.warns(MaskedModelWarning, match="full size.*mode='slice'"):
+        model.save_pretrained(tmp_path / "masked")
+    assert (tmp_path / "masked" / "config.json").is_file()  # it still saves
+    pruner.restore()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MaskedModelWarning)
+        model.save_pretrained(tmp_path / "restored")

@@ -98,6 +98,11 @@ def _ids(value: Any, what: str) -> torch.Tensor:
     except (TypeError, ValueError, RuntimeError) as error:
         raise CalibrationError(f"A calibration batch's {what} cannot be read as a tensor ({error}); give lists or "
                                "tensors of token ids, shape [batch, seq_len].") from error
+    if what == "attention_mask" and tensor.is_floating_point():
+        if ((tensor != 0) & (tensor != 1)).any():  # a float mask of 0.0 and 1.0 is common; anything else is not
+            raise CalibrationError("A calibration batch's attention_mask holds values other than 0 and 1; give 1 "
+                                   "for tokens and 0 for padding.")
+        return tensor.long()
     if tensor.is_floating_point() or tensor.is_complex():
         raise CalibrationError(f"A calibration batch's {what} holds {tensor.dtype} values; token ids must be "
                                "integers (tokenize the text, or pass tokenizer= with texts).")
