@@ -83,3 +83,14 @@ def test_as_batches_groups_rows_by_length():
 def test_bad_masks_are_refused(mask, match):
     with pytest.raises(CalibrationError, match=match):
         as_batches([{"input_ids": torch.tensor([[5, 6, 7, 8]]), "attention_mask": mask}])
+
+
+def test_reconstruction_runs_on_rows_of_different_lengths():
+    rows = _rows()
+    ids, mask = _padded(rows)
+    model = build(FAMILIES[0], SHAPE)
+    pruner = Pruner(model, ratio=0.3, estimators=["taylor"], fusion="fixed", progress=False)  # reconstruct on
+    plan = pruner.plan([{"input_ids": ids, "attention_mask": mask}])
+    pruner.apply(plan)
+    assert plan.stages["reconstruct"]["rows"] == len(rows)
+    assert plan.stages["reconstruct"]["tokens"] == int(mask.sum())
