@@ -536,3 +536,16 @@ def test_saving_a_masked_model_warns_how_to_slice(world, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", MaskedModelWarning)
         model.save_pretrained(tmp_path / "restored")
+
+
+# ---- inputs that look odd but are fine: they simply work ----------------------------------------------
+def test_plan_inside_no_grad_with_numpy_and_torch_ratios(world):
+    import numpy as np
+
+    batches = random_batches(world.vocab)
+    expected = world.pruner(ratio=0.25, estimators=["taylor"]).plan(batches).layers
+    for ratio in (np.float32(0.25), np.float64(0.25), torch.tensor(0.25)):
+        with torch.no_grad():
+            plan = world.pruner(ratio=ratio, estimators=["taylor"]).plan(batches)
+        assert plan.layers == expected and plan.settings["ratio"] == 0.25
+    assert all(p.grad is None for p in world.model.parameters())

@@ -28,7 +28,7 @@ from test_cli_eval_report import word_tokenizer
 
 SHAPE = Shape(layers=3, kv_heads=2, heads_per_group=2, head_dim=8, width=24)
 IDS = torch.tensor([[2, 3, 4, 5, 6, 7, 8, 9]])
-SIGINT_RUNS = 4
+SIGINT_RUNS = 3
 
 
 def logits(folder: Path) -> torch.Tensor:
