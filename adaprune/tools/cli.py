@@ -266,6 +266,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise AdapruneError(f"{args.mc} does not exist: give a BIG-bench multiple-choice JSON task "
                                 "(an 'examples' list with 'input' and 'target_scores').")
         try:
+            Path(args.mc).read_bytes().decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise AdapruneError(f"--mc {args.mc} is not UTF-8 text (a binary file?); give a BIG-bench "
+                                "multiple-choice JSON task.") from error
+        try:
             examples = load_mc_task(args.mc)
         except ValueError as error:
             raise AdapruneError(f"{error}; give a BIG-bench multiple-choice JSON task (an 'examples' list, each "
@@ -497,7 +502,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line(error: BaseException) -> str:
-    """The message on one line (errors quoted from other libraries may span several)."""
+    """The message on one line (errors quoted from other libraries may span several).
+
+    A progress bar the error interrupted is closed first, so that the message starts its own line.
+    """
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
     return " ".join(str(error).split())
 
 
