@@ -244,3 +244,38 @@ def test_sigint_at_random_points_leaves_old_or_new_never_half(root, tmp_path):
         if state == "new":  # put the old one back, so that the next interrupt can show a mix
             assert main([*prune_args(root, out, 0.2), "--overwrite"]) == 0
     print("SIGINT runs (delay s, exit status, checkpoint):", seen)
+
+
+# ---- the demo's folder appears only once it reloads --------------------------------------------------
+@pytest.fixture
+def tiny_demo(monkeypatch, root):
+    """`adaprune demo` on the tiny model and text (the real one takes minutes)."""
+    from adaprune.tools import demo
+
+    sentence = "the cat sat on a mat . the dog ran home"
+    monkeypatch.setattr(demo, "load_smollm2", lambda: (AutoModelForCausalLM.from_pretrained(root / "model").eval(),
+                                                       word_tokenizer()))
+    monkeypatch.setattr(demo, "wiki_texts", lambda split: [sentence] * 30)
+    monkeypatch.setattr(demo, "test_token_stream", lambda tokenizer: torch.tensor(
+        word_tokenizer()(" ".join([sentence] * 10))["input_ids"]))
+    monkeypatch.setattr(demo, "SEQ_LEN", 8)
+    monkeypatch.setattr(demo, "CALIBRATION_SAMPLES", 4)
+    monkeypatch.setattr(demo, "EVAL_WINDOWS", 2)
+    monkeypatch.setattr(demo, "SPEEDS", {})
+    return demo
+
+
+def test_demo_output_appears_whole_and_replaces_its_own(tiny_demo, tmp_path, capsys):
+    out = tmp_path / "demo-out"
+    assert tiny_demo.run_demo(out=str(out)) == 0
+    assert (out / PLAN_FILE).is_file() and (out / "model.safetensors").is_file()
+    assert leftovers(tmp_path) == []
+    assert tiny_demo.check_demo_output(out) == out  # a rerun may replace the demo's own earlier output
+
+
+def test_demo_whose_reload_fails_writes_nothing(tiny_demo, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tiny_demo, "RELOAD_CHECK", "raise SystemExit('the reload failed')")
+    out = tmp_path / "demo-out"
+    assert tiny_demo.run_demo(out=str(out)) == 1
+    assert not out.exists() and leftovers(tmp_path) == []
+    assert "was not written" in capsys.readouterr().err
