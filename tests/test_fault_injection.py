@@ -28,7 +28,7 @@ from test_cli_eval_report import word_tokenizer
 
 SHAPE = Shape(layers=3, kv_heads=2, heads_per_group=2, head_dim=8, width=24)
 IDS = torch.tensor([[2, 3, 4, 5, 6, 7, 8, 9]])
-SIGINT_RUNS = 3
+SIGINT_RUNS = 2  # plus one interrupt sent while the checkpoint is being written
 
 
 def logits(folder: Path) -> torch.Tensor:
@@ -279,3 +279,43 @@ def test_demo_whose_reload_fails_writes_nothing(tiny_demo, tmp_path, monkeypatch
     assert tiny_demo.run_demo(out=str(out)) == 1
     assert not out.exists() and leftovers(tmp_path) == []
     assert "was not written" in capsys.readouterr().err
+
+
+# Runs `adaprune prune` with the tokenizer's save slowed down and announced by a marker file, so that
+# an interrupt can be sent while the checkpoint folder is half-written (the model is saved, the
+# tokenizer not yet): test scaffolding around the real command, nothing in adaprune changes.
+MID_SAVE = """
+import sys, time
+from pathlib import Path
+from transformers import PreTrainedTokenizerBase
+original = PreTrainedTokenizerBase.save_pretrained
+def slow(self, folder, *args, **kwargs):
+    Path(sys.argv[1]).write_text("saving")
+    time.sleep(30)
+    return original(self, folder, *args, **kwargs)
+PreTrainedTokenizerBase.save_pretrained = slow
+from adaprune.tools.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_sigint_while_the_checkpoint_is_half_written(root, previous, tmp_path):
+    out, expected = previous
+    before = _snapshot(out)
+    marker = tmp_path / "saving"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), str(Path(__file__).parent)]),
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    process = subprocess.Popen([sys.executable, "-c", MID_SAVE, str(marker), *prune_args(root, out, 0.5),
+                                "--overwrite"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), process.communicate()[1].decode()
+    halfway = [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp-")]
+    assert halfway and (halfway[0] / "model.safetensors").is_file()  # the new folder is half-written now
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err.decode()
+    assert "interrupted" in err.decode() and "Traceback" not in err.decode()
+    assert _snapshot(out) == before and torch.allclose(logits(out), expected)
+    assert leftovers(out.parent) == []
