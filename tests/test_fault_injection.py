@@ -234,8 +234,11 @@ def test_sigint_at_random_points_leaves_old_or_new_never_half(root, tmp_path):
         time.sleep(delay)
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=120)
-        assert "Traceback" not in err.decode(), err.decode()
-        assert process.returncode in (0, 130, -signal.SIGINT), (process.returncode, err.decode())
+        text = err.decode()
+        # An interrupt while Python is still importing (before adaprune's handler exists) ends in
+        # Python's own KeyboardInterrupt traceback; any other traceback is a failure.
+        assert "Traceback" not in text or text.rstrip().endswith("KeyboardInterrupt"), text
+        assert process.returncode in (0, 1, 130, -signal.SIGINT), (process.returncode, text)
         assert out.is_dir() and leftovers(tmp_path) == [], leftovers(tmp_path)
         now = logits(out)  # whole: it reloads; and it is one of the two, not a mix
         state = "new" if torch.allclose(now, new, atol=1e-5) else "old" if torch.allclose(now, old, atol=1e-5) else "?"
