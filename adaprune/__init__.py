@@ -9,9 +9,13 @@
 
 from .errors import (
     AdapruneError,
+    AdapruneWarning,
     CalibrationError,
     ConfigurationError,
     EstimatorError,
+    FusionWarning,
+    MaskedModelWarning,
+    OutputError,
     PlanError,
     UnsupportedArchitectureError,
 )
@@ -30,14 +34,18 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapruneError",
+    "AdapruneWarning",
     "BlockKind",
     "CalibrationError",
     "ConfigurationError",
     "DEFAULTS",
     "Estimator",
     "EstimatorError",
+    "FusionWarning",
     "LayerPlan",
     "Level",
+    "MaskedModelWarning",
+    "OutputError",
     "Plan",
     "PlanError",
     "PruneConfig",
