@@ -32,7 +32,8 @@ SIGINT_RUNS = 2  # plus one interrupt sent while the checkpoint is being written
 
 
 def logits(folder: Path) -> torch.Tensor:
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    remote = "auto_map" in (folder / "config.json").read_text()
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote).eval()
     with torch.no_grad():
         return model(input_ids=IDS).logits
 
@@ -44,7 +45,8 @@ def leftovers(folder: Path) -> list[str]:
 
 def prune_args(root: Path, out: Path, ratio: float) -> list[str]:
     return ["prune", str(root / "model"), "--calib", str(root / "text.txt"), "--seq-len", "8", "--samples", "4",
-            "--batch-size", "2", "--ratio", str(ratio), "--fusion", "fixed", "--out", str(out)]
+            "--batch-size", "2", "--ratio", str(ratio), "--estimators", "taylor", "--fusion", "fixed", "--allocation",
+            "uniform", "--out", str(out)]
 
 
 @pytest.fixture(scope="module")

@@ -102,7 +102,7 @@ def _normal(data: dict) -> dict:
     defaults = {"remove_kv_groups": [], "remove_heads": [], "remove_channels": [], "remove_attention": False,
                 "remove_mlp": False}
     data["layers"] = [{**defaults, **layer} for layer in data["layers"]]  # keys left out take their defaults
-    for key in ("compensation", "block_scores", "stages"):
+    for key in ("compensation", "block_scores", "stages", "settings", "params", "fusion", "scores"):
         if not data.get(key):
             data.pop(key, None)
     return data
@@ -116,7 +116,8 @@ def _check(model: torch.nn.Module, data: dict) -> str:
     except PlanError:
         return "refused"
     # Nothing dropped, converted or added: the plan is the JSON.
-    assert _normal(plan.to_dict()) == _normal(json.loads(text) | {"version": plan.version})
+    got, want = _normal(plan.to_dict()), _normal(json.loads(text) | {"version": plan.version})
+    assert got == want, {k: (got.get(k), want.get(k)) for k in set(got) | set(want) if got.get(k) != want.get(k)}
     sliced = copy.deepcopy(model)
     try:
         Pruner(sliced, ratio=0.0, estimators=["magnitude"], fusion="fixed", reconstruct=False,
