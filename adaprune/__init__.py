@@ -9,10 +9,14 @@
 
 from .errors import (
     AdapruneError,
+    AdapruneWarning,
     CalibrationError,
     ConfigurationError,
     EstimatorError,
     ExportError,
+    FusionWarning,
+    MaskedModelWarning,
+    OutputError,
     PlanError,
     UnsupportedArchitectureError,
 )
@@ -32,6 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapruneError",
+    "AdapruneWarning",
     "BlockKind",
     "CalibrationError",
     "ConfigurationError",
@@ -39,8 +44,11 @@ __all__ = [
     "Estimator",
     "EstimatorError",
     "ExportError",
+    "FusionWarning",
     "LayerPlan",
     "Level",
+    "MaskedModelWarning",
+    "OutputError",
     "Plan",
     "PlanError",
     "PruneConfig",

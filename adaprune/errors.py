@@ -27,3 +27,19 @@ class ConfigurationError(AdapruneError, ValueError):
 
 class ExportError(AdapruneError, ValueError):
     """A model cannot be written in the asked format, or the target cannot be written."""
+
+
+class OutputError(AdapruneError, ValueError):
+    """A path to write to cannot be used (a file where a folder is needed, not writable, the input itself)."""
+
+
+class AdapruneWarning(UserWarning):
+    """Base class of adaprune's warnings."""
+
+
+class FusionWarning(AdapruneWarning):
+    """A fusion policy fell back or could not rank some units (also recorded in plan.fusion['warnings'])."""
+
+
+class MaskedModelWarning(AdapruneWarning):
+    """A masked model is saved or exported: its checkpoint keeps every zeroed unit at full size."""

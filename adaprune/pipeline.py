@@ -17,7 +17,8 @@ import numbers
 import resource
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,14 +31,14 @@ from .allocation.budget import Budget, check_multiple, eligible_layers
 from .apply.compensation import check_biases, compensation_entries, input_means
 from .apply.mask import MaskHandle, mask
 from .apply.slicing import slice_model
-from .errors import AdapruneError, ConfigurationError, EstimatorError
+from .errors import AdapruneError, ConfigurationError, EstimatorError, FusionWarning
 from .estimators.base import Estimator, Scores
 from .export.config import sync_config
 from .fusion.base import FusionContext
 from .plan import LayerPlan, Plan
 from .plugins import create_allocator, create_policy, describe, detect_spec, parse_estimator
 from .scoring.cache import ScoreCache, estimator_record, fingerprint
-from .scoring.calibration import CalibrationStats, as_batches, calibrate
+from .scoring.calibration import CalibrationStats, as_batches, calibrate, check_token_ids
 from .scoring.candidates import block_importance, candidates_of, validate_scores
 from .stages.base import Stage, StageContext
 from .stages.reconstruct import ReconstructStage
@@ -119,6 +120,7 @@ class Pruner:
             raise ConfigurationError(f"mode must be one of {MODES}, got {mode!r}.")
         if not isinstance(multiple, numbers.Integral) or isinstance(multiple, bool) or multiple < 1:
             raise ConfigurationError(f"multiple must be a positive integer, got {multiple!r}.")
+        check_model(model)
         self.model = model
         self.spec = detect_spec(model)
         self.estimators = [parse_estimator(e) for e in estimators]
@@ -220,6 +222,8 @@ class Pruner:
                                 self.progress)
         with self._timed("fusion"), torch.enable_grad():
             fused = self.fusion.fuse(candidates, context)
+        for warning in fused.warnings:  # recorded in the plan, and said where people look
+            warnings.warn(FusionWarning(f"fusion {self.fusion.name}: {warning}"), stacklevel=2)
         with self._timed("allocation"):
             layer_plans = select(fused.scores)
         plan = Plan(
@@ -246,7 +250,11 @@ class Pruner:
         return plan
 
     def _batches(self, calibration: Iterable | None, tokenizer: Any) -> list[torch.Tensor]:
-        return [] if calibration is None else as_batches(_tokenize(calibration, tokenizer))
+        if calibration is None:
+            return []
+        batches = as_batches(_tokenize(calibration, tokenizer))
+        check_token_ids(self.model, batches)  # an IndexError deep in the embedding otherwise
+        return batches
 
     def _checked_cache(self, scores: ScoreCache | dict[str, Scores], table: UnitTable) -> ScoreCache:
         """The scores of this Pruner's estimators for this model: a cache is matched by its fingerprint,
@@ -356,6 +364,25 @@ def peak_memory_mb() -> float:
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
 
+def check_model(model: nn.Module) -> None:
+    """Refuse, before any work, models adaprune cannot prune in place: weights not loaded, wrapped Linears."""
+    if not isinstance(model, nn.Module):
+        raise ConfigurationError(f"model must be a torch.nn.Module (a transformers causal LM), got "
+                                 f"{type(model).__name__}.")
+    if type(model).__module__.startswith("peft.") or any(
+            hasattr(module, "base_layer") and type(module).__module__.startswith("peft.") for module in model.modules()):
+        raise ConfigurationError(
+            f"The model holds peft adapters ({type(model).__name__}): pruning would cut the wrapped base layers and "
+            "leave the adapters the old shapes. Merge them first (model = model.merge_and_unload()), or prune the base "
+            "model before adding adapters.")
+    meta = [name for name, param in model.named_parameters() if param.is_meta]
+    if meta:
+        raise ConfigurationError(
+            f"{len(meta)} parameters of the model are on the meta device (no weights, e.g. {meta[0]}): it was built "
+            "without loading them. Load the model with its weights (from_pretrained(...) without init_empty_weights "
+            "or device_map='meta').")
+
+
 def _ratio(ratio: Any) -> float:
     """The ratio as a float in [0, 1): Python, numpy and one-element torch numbers are accepted."""
     if isinstance(ratio, torch.Tensor) and ratio.numel() == 1 and not ratio.dtype.is_complex:
@@ -368,6 +395,8 @@ def _ratio(ratio: Any) -> float:
 
 def _tokenize(calibration: Iterable, tokenizer: Any, max_length: int = 128) -> Iterable:
     """Texts become one sample each (truncated to `max_length` tokens); token ids pass through."""
+    if isinstance(calibration, (Mapping, torch.Tensor, str)):
+        calibration = [calibration]  # one batch (a tokenizer's output, a tensor) or one text given on its own
     items = list(calibration)
     if items and isinstance(items[0], str):
         if tokenizer is None:

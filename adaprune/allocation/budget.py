@@ -43,10 +43,12 @@ def eligible_layers(num_layers: int, layers: Iterable[int] | str | int | None) -
         text = layers.strip()
         if ":" not in text:
             try:
-                return eligible_layers(num_layers, [int(text)])
+                index = int(text)
             except ValueError:
                 raise ConfigurationError(f"layers={layers!r} is neither a layer index nor a 'start:stop' range of "
                                          "layer indices (e.g. '4:-2').") from None
+            # Outside the try: ConfigurationError is a ValueError, and "layer 99 of 3" must say so.
+            return eligible_layers(num_layers, [index])
         try:
             parts = [int(p) if p.strip() else None for p in text.split(":")]
             if len(parts) > 3:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import types
+import warnings
+
 import torch
 from torch import nn
 
-from ..errors import PlanError
+from ..errors import MaskedModelWarning, PlanError
 from ..plan import Plan
 from ..units.table import UnitTable
 from .compensation import bias_shifts
@@ -68,6 +71,7 @@ class MaskHandle:
         self._config.clear()
         if getattr(self.model, MASKED, None) is self:
             delattr(self.model, MASKED)
+            self.model.__dict__.pop("save_pretrained", None)  # the class's own again
 
     def restore(self) -> None:
         with torch.no_grad():
@@ -111,4 +115,17 @@ def mask(plan: Plan, model: nn.Module, units: UnitTable) -> MaskHandle:
     for bias, delta in shifts:
         handle.shift(bias, delta)
     setattr(model, MASKED, handle)
+    if callable(getattr(type(model), "save_pretrained", None)):
+        # A bound method (not a closure), so that a deep copy of the model warns about the copy.
+        model.save_pretrained = types.MethodType(_masked_save_pretrained, model)
     return handle
+
+
+def _masked_save_pretrained(self: nn.Module, *args, **kwargs):
+    """save_pretrained of a masked model: it works, and says that the checkpoint is full-size zeros."""
+    if is_masked(self):
+        warnings.warn(MaskedModelWarning(
+            "This model is masked (apply(plan, mode='mask')): save_pretrained writes every zeroed unit at full size, "
+            "a checkpoint as large as the original. To save a smaller model, slice it first: pruner.restore(), then "
+            "pruner.apply(plan, mode='slice')."), stacklevel=2)
+    return type(self).save_pretrained(self, *args, **kwargs)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import inspect
-import os
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -22,7 +21,7 @@ from torch import nn
 from transformers.dynamic_module_utils import get_relative_import_files
 
 from ..apply.removed_block import RemovedBlock, remove_block
-from ..io import cache_dir
+from ..io import cache_dir, write_text
 from ..specs.base import ArchSpec, stock_class
 
 TEMPLATE = "export/templates/modeling_heterogeneous.py.template"
@@ -103,8 +102,6 @@ def _import_generated(module_name: str, source: str, package: str = "", remote_f
 
 
 def _write_if_changed(path: Path, text: str) -> None:
-    # Write then rename, so that a concurrent reader never sees half a file.
+    # Atomic, so that a concurrent reader never sees half a file.
     if not path.exists() or path.read_text() != text:
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        write_text(path, text)

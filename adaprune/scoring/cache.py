@@ -108,25 +108,31 @@ class ScoreCache(Mapping[str, Scores]):
         if not isinstance(meta, dict) or meta.get("format") != SCORES_FORMAT or meta.get("version") != SCORES_VERSION:
             raise ConfigurationError(f"{path} is not an adaprune score cache of version {SCORES_VERSION}; save one "
                                      "with pruner.score(calibration).save(path).")
+        if not isinstance(meta.get("estimators"), list) or not isinstance(meta.get("model"), dict):
+            raise ConfigurationError(f"{path}: the score cache's metadata is damaged (no estimators or model record); "
+                                     "score again with pruner.score(calibration).save(path).")
         scores: dict[str, Scores] = {}
         means = {}
-        for key, values in tensors.items():
-            kind, _, rest = key.partition("/")
-            if kind == "means":
-                means[rest] = values
-                continue
-            try:
+        try:
+            for key, values in tensors.items():
+                if not torch.isfinite(values).all():
+                    raise ValueError(f"{key} holds NaN or infinite values")
+                kind, _, rest = key.partition("/")
+                if kind == "means":
+                    means[rest] = values
+                    continue
+                if kind != "scores":
+                    raise ValueError(f"unknown entry {key!r}")
                 name, granularity, level, index = rest.split("/")
                 per_layer = scores.setdefault(name, {}).setdefault(granularity, {}).setdefault(Level(level), {})
-                index = int(index)
-            except ValueError as error:
-                raise ConfigurationError(f"The score cache {path} holds a tensor {key!r} that is not an adaprune "
-                                         "score; save a cache with pruner.score(calibration).save(path).") from error
-            per_layer[index] = values
-        ordered = {name: {granularity: {level: [per_layer[i] for i in range(len(per_layer))]
-                                        for level, per_layer in by_level.items()}
-                          for granularity, by_level in by_granularity.items()}
-                   for name, by_granularity in scores.items()}
+                per_layer[int(index)] = values
+            ordered = {name: {granularity: {level: [per_layer[i] for i in range(len(per_layer))]
+                                            for level, per_layer in by_level.items()}
+                              for granularity, by_level in by_granularity.items()}
+                       for name, by_granularity in scores.items()}
+        except (ValueError, KeyError) as error:
+            raise ConfigurationError(f"{path}: the score cache is damaged ({error}); score again with "
+                                     "pruner.score(calibration).save(path).") from error
         return cls(ordered, meta["estimators"], meta["model"], means)
 
 

@@ -14,8 +14,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -90,12 +91,57 @@ class CalibrationStats:
     mean_loss: float = float("nan")
 
 
+def _ids(value: Any, what: str) -> torch.Tensor:
+    """Token ids (or a mask) as a LongTensor; floats are refused, not truncated."""
+    try:
+        tensor = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise CalibrationError(f"A calibration batch's {what} cannot be read as a tensor ({error}); give lists or "
+                               "tensors of token ids, shape [batch, seq_len].") from error
+    if what == "attention_mask" and tensor.is_floating_point():
+        if ((tensor != 0) & (tensor != 1)).any():  # a float mask of 0.0 and 1.0 is common; anything else is not
+            raise CalibrationError("A calibration batch's attention_mask holds values other than 0 and 1; give 1 "
+                                   "for tokens and 0 for padding.")
+        return tensor.long()
+    if tensor.is_floating_point() or tensor.is_complex():
+        raise CalibrationError(f"A calibration batch's {what} holds {tensor.dtype} values; token ids must be "
+                               "integers (tokenize the text, or pass tokenizer= with texts).")
+    return tensor.long()
+
+
+def _unpadded(ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    """The rows of a padded batch without their padding, batched by length (padding never reaches the
+    model, so it is neither in the loss nor in any statistic, for every estimator and stage alike)."""
+    rows: dict[int, list[torch.Tensor]] = {}
+    for row, keep in zip(ids, mask.bool()):
+        positions = torch.nonzero(keep).flatten()
+        if positions.numel() and positions[-1] - positions[0] + 1 != positions.numel():
+            raise CalibrationError("A calibration row's attention_mask has padding between its tokens; only left or "
+                                   "right padding can be removed. Give each sequence as its own row.")
+        if positions.numel() >= 2:  # a row of one real token predicts nothing
+            rows.setdefault(positions.numel(), []).append(row[positions])
+    return [torch.stack(group[i:i + len(ids)]) for group in rows.values() for i in range(0, len(group), len(ids))]
+
+
 def as_batches(calibration: Iterable) -> list[torch.Tensor]:
-    """Normalise calibration input to a list of [batch, seq] LongTensors; refuse empty input."""
+    """Normalise calibration input to a list of [batch, seq] LongTensors; refuse empty input.
+
+    An item is token ids (a tensor or nested lists, [batch, seq] or [seq]) or a mapping with
+    `input_ids` and optionally `attention_mask` (a dict, or a tokenizer's `BatchEncoding`); padded
+    positions are removed, so that they are neither in the loss nor in any statistic.
+    """
+    if isinstance(calibration, (Mapping, torch.Tensor)):
+        calibration = [calibration]  # one batch given on its own
     batches = []
     for item in calibration:
-        batch = item["input_ids"] if isinstance(item, dict) else item
-        batch = torch.as_tensor(batch, dtype=torch.long)
+        mask = None
+        if isinstance(item, Mapping):
+            if "input_ids" not in item:
+                raise CalibrationError(f"A calibration batch is a mapping without 'input_ids' (keys: "
+                                       f"{', '.join(map(str, item))}); give the tokenizer's output or token-id tensors.")
+            mask = item.get("attention_mask")
+            item = item["input_ids"]
+        batch = _ids(item, "input_ids")
         if batch.dim() == 1:
             batch = batch.unsqueeze(0)
         if batch.dim() != 2 or batch.numel() == 0:
@@ -103,11 +149,42 @@ def as_batches(calibration: Iterable) -> list[torch.Tensor]:
                                    "shape [batch, seq_len] with at least one token.")
         if batch.shape[1] < 2:
             raise CalibrationError("Calibration sequences need at least 2 tokens (the loss predicts the next one).")
+        if mask is not None:
+            mask = _ids(mask, "attention_mask")
+            mask = mask.unsqueeze(0) if mask.dim() == 1 else mask
+            if mask.shape != batch.shape:
+                raise CalibrationError(f"A calibration batch's attention_mask has shape {tuple(mask.shape)}, its "
+                                       f"input_ids {tuple(batch.shape)}; give a mask of the same shape (1 = token, "
+                                       "0 = padding).")
+            if ((mask != 0) & (mask != 1)).any():
+                raise CalibrationError("A calibration batch's attention_mask holds values other than 0 and 1; give 1 "
+                                       "for tokens and 0 for padding.")
+            if not bool(mask.all()):
+                batches.extend(_unpadded(batch, mask))
+                continue
         batches.append(batch)
     if not batches:
-        raise CalibrationError("The calibration set is empty; pass at least one batch of token ids "
+        raise CalibrationError("The calibration set is empty (or only padding); pass at least one batch of token ids "
                                "(e.g. adaprune.data.token_batches(tokenizer, texts, seq_len=128, num_samples=32)).")
     return batches
+
+
+def check_token_ids(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    """Refuse, before the pass, ids the model has no embedding for and sequences longer than it can place."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    low = min(int(batch.min()) for batch in batches)
+    high = max(int(batch.max()) for batch in batches)
+    if low < 0 or (isinstance(vocab, int) and high >= vocab):
+        raise CalibrationError(f"The calibration holds token ids from {low} to {high}, but the model's vocabulary "
+                               f"has ids 0 to {vocab - 1 if isinstance(vocab, int) else '?'}; tokenize with this "
+                               "model's own tokenizer.")
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    longest = max(batch.shape[1] for batch in batches)
+    if isinstance(positions, int) and longest > positions:
+        raise CalibrationError(f"A calibration sequence has {longest} tokens, more than the model's "
+                               f"max_position_embeddings ({positions}); cut the sequences to {positions} tokens or "
+                               f"fewer (token_batches(..., seq_len={positions})).")
 
 
 def calibrate(

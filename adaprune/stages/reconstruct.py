@@ -99,7 +99,11 @@ class ReconstructStage(Stage):
         by_layer = _projections_by_layer(plan, units, model)
         layers = spec.decoder_layers(model)
         device = next(model.parameters()).device
-        batches = [torch.cat(rows[i:i + 8]).to(device) for i in range(0, len(rows), 8)]
+        # Rows of one length go together (calibration rows differ in length once padding is removed).
+        by_length: dict[int, list[torch.Tensor]] = {}
+        for row in rows:
+            by_length.setdefault(row.shape[1], []).append(row)
+        batches = [torch.cat(group[i:i + 8]).to(device) for group in by_length.values() for i in range(0, len(group), 8)]
         report: dict[str, Any] = {**self.options, "rows": len(rows), "tokens": sum(b.numel() for b in batches),
                                   "layers": [], "warnings": [],
                                   "parameters_added": self._add_biases(model, plan, units, by_layer, context.mask)}

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from ..errors import AdapruneError
-from ..io import write_text
+from ..io import atomic_directory, check_output_folder, check_writable_file, write_text
 from ..pipeline import DEFAULTS
+from ..plan import PLAN_FILE
 
 
 def load_model(path: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
@@ -24,79 +28,203 @@ def load_model(path: str, trust_remote_code: bool = False, dtype: torch.dtype = 
     if not source.exists():
         raise AdapruneError(f"{path} does not exist: give a checkpoint folder (config.json and weights) or a "
                             ".gguf file.")
+    if source.is_file() and source.suffix != ".gguf":
+        raise AdapruneError(f"{path} is a file, not a checkpoint: give a checkpoint folder (config.json and "
+                            "weights) or a .gguf file.")
     config_file = source / "config.json"
-    if not trust_remote_code and config_file.is_file() and "auto_map" in json.loads(config_file.read_text()):
-        # Stock transformers would quietly build the unpruned layer shapes and leave weights missing.
-        raise AdapruneError(f"{path} brings its own modeling file (a pruned model whose layers differ, or that "
-                            "lost whole blocks); pass --trust-remote-code to load it.")
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise AdapruneError(f"{config_file} is not valid JSON ({error}); the checkpoint is damaged, save it again "
+                                "with model.save_pretrained(folder).") from error
+        if not trust_remote_code and isinstance(config, dict) and "auto_map" in config:
+            # Stock transformers would quietly build the unpruned layer shapes and leave weights missing.
+            raise AdapruneError(f"{path} brings its own modeling file (a pruned model whose layers differ, or that "
+                                "lost whole blocks); pass --trust-remote-code to load it.")
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if source.suffix == ".gguf":
         kwargs["gguf_file"] = source.name
         source = source.parent
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs).eval()
-    except (OSError, ValueError) as error:
-        raise AdapruneError(f"Could not load a causal language model from {path} ({error}); give a "
-                            "transformers checkpoint folder or a .gguf file.") from error
+    except Exception as error:  # a damaged checkpoint fails in many ways (safetensors, shapes, configs)
+        raise AdapruneError(f"Could not load a causal language model from {path} ({type(error).__name__}: "
+                            f"{error}); give a transformers checkpoint folder or a .gguf file.") from error
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    except (OSError, ValueError, TypeError) as error:
-        raise AdapruneError(f"{path} holds no usable tokenizer ({error}); save one next to the model "
-                            "(tokenizer.save_pretrained(folder)).") from error
+    except Exception as error:
+        raise AdapruneError(f"{path} holds no usable tokenizer ({type(error).__name__}: {error}); save one next to "
+                            "the model (tokenizer.save_pretrained(folder)).") from error
     return model, tokenizer
 
 
-def read_texts(path: str) -> list[str]:
-    """Texts from a file: a JSON list of strings, or plain text split on blank lines."""
-    if not Path(path).is_file():
+def read_texts(path: str, option: str = "--text") -> list[str]:
+    """Texts from a file: a JSON list of strings, or plain text split on blank lines. Refuses an empty file."""
+    source = Path(path)
+    if source.is_dir():
+        raise AdapruneError(f"{option} {path} is a folder; give a text file (paragraphs split by blank lines) or a "
+                            "JSON list of strings.")
+    if not source.is_file():
         raise AdapruneError(f"{path} does not exist: give a text file (paragraphs split by blank lines) or a "
                             "JSON list of strings.")
-    text = Path(path).read_text()
+    try:
+        text = source.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise AdapruneError(f"{option} {path} is not UTF-8 text (byte {error.start} cannot be read; a binary "
+                            "file?); give plain UTF-8 text or a JSON list of strings.") from error
     if path.endswith(".json"):
         try:
             texts = json.loads(text)
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, RecursionError) as error:
             raise AdapruneError(f"{path} is not valid JSON ({error}); give a JSON list of strings, or plain text "
                                 "in a file not named .json.") from error
         if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
             raise AdapruneError(f"{path}: expected a JSON list of strings.")
-        return texts
-    return [part.strip() for part in text.split("\n\n") if part.strip()]
+        texts = [t for t in texts if t.strip()]
+    else:
+        texts = [part.strip() for part in text.split("\n\n") if part.strip()]
+    if not texts:
+        raise AdapruneError(f"{option} {path} holds no text (it is empty or only whitespace); give a file with "
+                            "some text.")
+    return texts
 
 
 def _calibration_texts(path: str | None) -> list[str]:
     if path:
-        return read_texts(path)
+        return read_texts(path, "--calib")
     from .data import wiki_texts
 
     return wiki_texts("calibration")
+
+
+def _at_least(option: str, value: int | None, low: int = 1) -> None:
+    if value is not None and value < low:
+        raise AdapruneError(f"{option} must be at least {low}, got {value}.")
+
+
+def check_ratio(ratio: float, option: str = "--ratio") -> float:
+    """A fraction of prunable parameters in [0, 1): checked before the model is loaded."""
+    if not math.isfinite(ratio) or not 0.0 <= ratio < 1.0:
+        raise AdapruneError(f"{option} must be in [0, 1), got {ratio:g}: it is the fraction of prunable parameters "
+                            "to remove (0.2 removes a fifth).")
+    return ratio
+
+
+def _json_object(option: str, text: str | None, example: str) -> dict[str, Any]:
+    """A JSON object given on the command line, or {}; anything else is refused naming the option."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise AdapruneError(f"{option} is not valid JSON ({error}); give an object, e.g. '{example}'.") from error
+    if not isinstance(value, dict):
+        raise AdapruneError(f"{option} must be a JSON object, e.g. '{example}', got {type(value).__name__}.")
+    return value
+
+
+def _estimator_specs(names: str, options_json: str | None) -> list[dict[str, Any]]:
+    """--estimators and --estimator-options as Pruner estimator specs, each checked (name, options) now."""
+    from ..plugins import parse_estimator
+
+    chosen = [name.strip() for name in names.split(",") if name.strip()]
+    if not chosen:
+        raise AdapruneError("--estimators is empty; name at least one, e.g. --estimators taylor "
+                            "(adaprune.list_estimators() lists them).")
+    options: Any = {}
+    if options_json:
+        try:
+            options = json.loads(options_json)
+        except json.JSONDecodeError as error:
+            raise AdapruneError(f"--estimator-options is not valid JSON ({error}); give an object of options per "
+                                'estimator, e.g. \'{"taylor": {"order": 2}}\'.') from error
+        if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
+            raise AdapruneError("--estimator-options must be a JSON object mapping estimator names to objects of "
+                                'options, e.g. \'{"taylor": {"order": 2}}\'.')
+        stray = sorted(set(options) - set(chosen))
+        if stray:
+            raise AdapruneError(f"--estimator-options has options for {', '.join(stray)}, which --estimators does "
+                                f"not name (it names {', '.join(chosen)}); add it to --estimators or fix the name.")
+    specs = [{"name": name, **options.get(name, {})} for name in chosen]
+    for spec in specs:
+        parse_estimator(spec)  # unknown names and refused options fail here, before the model loads
+    return specs
+
+
+def check_prune_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """Every check that needs no model: run before loading it, so that a typo costs nothing."""
+    from ..plugins import create_allocator, create_policy
+    from ..vocabulary import parse_units
+
+    check_ratio(args.ratio)
+    _at_least("--samples", args.samples)
+    _at_least("--seq-len", args.seq_len, 2)
+    _at_least("--batch-size", args.batch_size)
+    _at_least("--multiple", args.multiple)
+    estimators = _estimator_specs(args.estimators, args.estimator_options)
+    fusion_options = _json_object("--fusion-options", args.fusion_options, '{"steps": 8}')
+    create_policy(args.fusion, **fusion_options)
+    create_allocator(args.allocation)
+    units = parse_units([unit.strip() for unit in args.units.split(",") if unit.strip()])
+    reconstruct: bool | dict[str, Any] = args.reconstruct
+    if args.reconstruct_options:
+        if not args.reconstruct:
+            raise AdapruneError("--reconstruct-options is given with --no-reconstruct; drop one of them.")
+        reconstruct = _json_object("--reconstruct-options", args.reconstruct_options, '{"damping": 0.01}')
+        from ..stages.reconstruct import ReconstructStage
+
+        try:
+            ReconstructStage(**reconstruct)
+        except (TypeError, ValueError) as error:
+            raise AdapruneError(f"--reconstruct-options {reconstruct} are not understood ({error}); it takes "
+                                "damping, samples, target and bias.") from error
+    if not Path(args.model).exists():
+        raise AdapruneError(f"{args.model} does not exist: give a checkpoint folder (config.json and weights) or a "
+                            ".gguf file.")
+    inputs = [args.model] + ([args.calib] if args.calib else [])
+    check_output_folder(args.out, "--out", overwrite=args.overwrite, inputs=[args.model])
+    if args.report:
+        check_writable_file(args.report, "--report", inputs=inputs)
+        if Path(args.report).resolve() == Path(args.out).resolve():
+            raise AdapruneError("--report and --out name the same path; give the report its own file name.")
+    texts = _calibration_texts(args.calib)
+    return {"estimators": estimators, "units": [str(unit) for unit in units], "texts": texts,
+            "fusion_options": fusion_options, "reconstruct": reconstruct}
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from .data import token_batches
     from ..pipeline import Pruner
 
+    checked = check_prune_arguments(args)
     start = time.perf_counter()
     model, tokenizer = load_model(args.model, args.trust_remote_code)
     load_seconds = time.perf_counter() - start
     params_before = sum(p.numel() for p in model.parameters())
-    batches = token_batches(tokenizer, _calibration_texts(args.calib), seq_len=args.seq_len,
-                            num_samples=args.samples, batch_size=args.batch_size)
-    estimators = [{"name": name, **json.loads(args.estimator_options or "{}").get(name, {})}
-                  for name in args.estimators.split(",")]
-    pruner = Pruner(model, ratio=args.ratio, estimators=estimators, fusion=args.fusion,
-                    fusion_options=json.loads(args.fusion_options or "{}"),
-                    reconstruct=json.loads(args.reconstruct_options) if args.reconstruct and args.reconstruct_options
-                    else args.reconstruct, allocation=args.allocation, units=args.units.split(","), mode="slice", layers=args.layers,
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and args.seq_len > positions:
+        raise AdapruneError(f"--seq-len {args.seq_len} is longer than the model's max_position_embeddings "
+                            f"({positions}); give --seq-len {positions} or less.")
+    try:
+        batches = token_batches(tokenizer, checked["texts"], seq_len=args.seq_len, num_samples=args.samples,
+                                batch_size=args.batch_size)
+    except ValueError as error:
+        raise AdapruneError(f"{error}; give more text with --calib, or lower --samples or --seq-len.") from error
+    pruner = Pruner(model, ratio=args.ratio, estimators=checked["estimators"], fusion=args.fusion,
+                    fusion_options=checked["fusion_options"], reconstruct=checked["reconstruct"],
+                    allocation=args.allocation, units=checked["units"], mode="slice", layers=args.layers,
                     multiple=args.multiple)
     plan = pruner.plan(batches)
     pruner.apply(plan)
     out = Path(args.out)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    plan.save(out / "adaprune_plan.json")
     report = pruner.report(plan)
     report["stage_seconds"] = {"load": round(load_seconds, 3), **report["stage_seconds"]}
+    # The checkpoint appears whole or not at all; an old one (--overwrite) goes only once the new one is complete.
+    with atomic_directory(out, overwrite=True) as folder:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        plan.save(folder / PLAN_FILE)
     if args.report:
         write_text(args.report, json.dumps(report, indent=1))
     print(f"pruned {params_before:,} -> {report['params_after']:,} parameters "
@@ -129,11 +257,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         suite = load_suite(args.suite)
         check_suite_files(suite, args.data_dir)
+    if args.json:
+        inputs = [args.model] + [path for path in (args.text, args.mc) if path]
+        check_writable_file(args.json, "--json", inputs=inputs)
     examples = None
     if args.mc:  # read before the model loads, so that a bad task fails fast
         if not Path(args.mc).is_file():
             raise AdapruneError(f"{args.mc} does not exist: give a BIG-bench multiple-choice JSON task "
                                 "(an 'examples' list with 'input' and 'target_scores').")
+        try:
+            Path(args.mc).read_bytes().decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise AdapruneError(f"--mc {args.mc} is not UTF-8 text (a binary file?); give a BIG-bench "
+                                "multiple-choice JSON task.") from error
         try:
             examples = load_mc_task(args.mc)
         except ValueError as error:
@@ -144,7 +280,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.text is None and args.speed and not (args.suite or args.lm_eval):
         return _eval_speed(args)
     texts = read_texts(args.text) if args.text is not None else None
+    if not Path(args.model).exists():
+        raise AdapruneError(f"{args.model} does not exist: give a checkpoint folder (config.json and weights) or a "
+                            ".gguf file.")
     model, tokenizer = load_model(args.model, args.trust_remote_code)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if texts is not None and isinstance(positions, int) and args.seq_len > positions:
+        raise AdapruneError(f"--seq-len {args.seq_len} is longer than the model's max_position_embeddings "
+                            f"({positions}); give --seq-len {positions} or less.")
     result: dict[str, Any] = {"model": args.model, "params": sum(p.numel() for p in model.parameters())}
     summary = ""
     if texts is not None:
@@ -312,6 +455,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Print a plan's per-layer table; with --plot, draw it."""
     from .plan_view import load_plan, plan_table, plot_plan
 
+    if args.plot:
+        check_writable_file(args.plot, "--plot", inputs=[args.plan])
     plan = load_plan(args.plan)
     print(plan_table(plan))
     if args.plot:
@@ -322,7 +467,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(out=args.out, ratio=args.ratio)
+    check_ratio(args.ratio)
+    return run_demo(out=args.out, ratio=args.ratio, overwrite=args.overwrite)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -355,7 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--samples", type=int, default=32, help="calibration samples")
     prune.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sample")
     prune.add_argument("--batch-size", type=int, default=4)
-    prune.add_argument("--out", required=True, help="folder for the pruned checkpoint")
+    prune.add_argument("--out", required=True, help="folder for the pruned checkpoint (new, or empty)")
+    prune.add_argument("--overwrite", action="store_true",
+                       help="replace a non-empty --out (only once the new checkpoint is complete)")
     prune.add_argument("--report", default=None, help="write the report JSON here")
     prune.add_argument("--trust-remote-code", action="store_true")
     prune.set_defaults(func=cmd_prune)
@@ -432,9 +580,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="prune the embedded SmolLM2-135M and show what it gained and lost")
     demo.add_argument("--ratio", type=float, default=DEFAULTS.ratio)
-    demo.add_argument("--out", default="out/smollm2-pruned")
+    demo.add_argument("--out", default="out/smollm2-pruned",
+                      help="folder for the pruned checkpoint (an earlier demo's output there is replaced)")
+    demo.add_argument("--overwrite", action="store_true", help="replace --out even if it holds something else")
     demo.set_defaults(func=cmd_demo)
     return parser
+
+
+def _one_line(error: BaseException) -> str:
+    """The message on one line (errors quoted from other libraries may span several).
+
+    A progress bar the error interrupted is closed first, so that the message starts its own line.
+    """
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    return " ".join(str(error).split())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -442,8 +604,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except AdapruneError as error:
-        print(f"adaprune: error: {error}", file=sys.stderr)
+        print(f"adaprune: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Every output is written to a temporary sibling and renamed into place: none is half-written.
+        print("adaprune: interrupted; outputs not yet complete were not written (earlier ones are intact).",
+              file=sys.stderr)
+        return 130
+    except OSError as error:
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"adaprune: error: {error.strerror or error}{where}; check the path, its permissions and the free "
+              "disk space. Nothing half-written was left.", file=sys.stderr)
+        return 2
+    except SafetensorError as error:  # safetensors reports a failed write (a full disk) as its own error
+        print(f"adaprune: error: {_one_line(error)}; check the free disk space and the path. Nothing half-written "
+              "was left.", file=sys.stderr)
+        return 2
+    except Exception as error:  # a bug, not bad input: one line, with the way to the traceback
+        if os.environ.get("ADAPRUNE_TRACEBACK"):
+            raise
+        print(f"adaprune: error: unexpected {type(error).__name__}: {_one_line(error)}. This is likely a bug in adaprune; "
+              "rerun with ADAPRUNE_TRACEBACK=1 to see where, and report it.", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

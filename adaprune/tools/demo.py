@@ -14,7 +14,10 @@ import torch
 
 from .data import load_smollm2, test_token_stream, token_batches, wiki_texts
 from .evaluate import perplexity, prefill_tokens_per_second, tokens_per_second
+from ..errors import ConfigurationError
+from ..io import atomic_directory, check_output_folder
 from ..pipeline import Pruner
+from ..plan import PLAN_FILE
 
 CALIBRATION_SAMPLES = 32
 SEQ_LEN = 128
@@ -60,7 +63,23 @@ def speeds(dense, pruned) -> tuple[dict[str, float], dict[str, float]]:
                  for name in ("dense", "pruned"))
 
 
-def run_demo(out: str = "out/smollm2-pruned", ratio: float = 0.2) -> int:
+class _ReloadFailed(Exception):
+    """The saved checkpoint did not reload in a fresh interpreter (its stderr is the message)."""
+
+
+def check_demo_output(out: str | Path, overwrite: bool = False) -> Path:
+    """The demo replaces its own earlier output; any other non-empty folder only with `overwrite`."""
+    folder = Path(out)
+    earlier = (folder / PLAN_FILE).is_file()
+    return check_output_folder(folder, "--out", overwrite=overwrite or earlier)
+
+
+def run_demo(out: str = "out/smollm2-pruned", ratio: float = 0.2, overwrite: bool = False) -> int:
+    """Prune SmolLM2-135M, compare it with the dense model, save it to `out` and reload it without adaprune."""
+    if not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:  # before the model loads
+        raise ConfigurationError(f"ratio must be in [0, 1), got {ratio!r}: it is the fraction of prunable "
+                                 "parameters to remove (0.2 removes a fifth).")
+    folder = check_demo_output(out, overwrite)
     torch.manual_seed(0)
     start = time.perf_counter()
     model, tokenizer = load_smollm2()
@@ -79,20 +98,25 @@ def run_demo(out: str = "out/smollm2-pruned", ratio: float = 0.2) -> int:
     after.update(pruned_speed)
     del dense
 
-    folder = Path(out)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    plan.save(folder / "adaprune_plan.json")
     ids = stream[: SEQ_LEN].unsqueeze(0)
-    torch.save(ids, folder / "check_ids.pt")
-    checked = subprocess.run([sys.executable, "-c", RELOAD_CHECK, str(folder), str(folder / "check_ids.pt"),
-                              str(folder / "check_logits.pt")], capture_output=True, text=True)
-    if checked.returncode != 0:
-        print(checked.stderr, file=sys.stderr)
-        return 1
     with torch.no_grad():
         expected = model(input_ids=ids).logits
-    reload_error = (torch.load(folder / "check_logits.pt") - expected).abs().max().item()
+    # Saved into a temporary sibling and checked there: the folder appears only once it reloads.
+    try:
+        with atomic_directory(folder, overwrite=True) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            plan.save(tmp / PLAN_FILE)
+            torch.save(ids, tmp / "check_ids.pt")
+            checked = subprocess.run([sys.executable, "-c", RELOAD_CHECK, str(tmp), str(tmp / "check_ids.pt"),
+                                      str(tmp / "check_logits.pt")], capture_output=True, text=True)
+            if checked.returncode != 0:
+                raise _ReloadFailed(checked.stderr)
+            reload_error = (torch.load(tmp / "check_logits.pt") - expected).abs().max().item()
+    except _ReloadFailed as failure:
+        print(f"{failure}\nadaprune: the pruned checkpoint did not reload without adaprune; {folder} was not "
+              "written.", file=sys.stderr)
+        return 1
 
     print()
     print(f"{'':26}{'before':>14}{'after':>14}{'after/before':>14}")

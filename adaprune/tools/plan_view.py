@@ -12,9 +12,8 @@ from typing import Any
 
 from ..errors import AdapruneError
 from ..io import atomic_path
-from ..plan import Plan
+from ..plan import PLAN_FILE, Plan
 
-PLAN_FILE = "adaprune_plan.json"  # the name `adaprune prune` saves the plan under in its output folder
 PLOT_FORMATS = (".png", ".pdf", ".svg")
 LEVEL_LABELS = {"kv_group": "kv", "head": "head", "channel": "ch"}
 
