@@ -250,3 +250,13 @@ def test_plan_removing_a_block_the_family_cannot_lose_is_refused(tiny_gqa, monke
     monkeypatch.setattr(LlamaSpec, "mlp_block", None)
     with pytest.raises(PlanError, match="cannot run without it"):
         pruner.apply(plan)
+
+
+def test_round_kept_always_gives_one_of_the_kept_widths_and_keeps_a_whole_layer_whole():
+    from adaprune.allocation.budget import channel_chunks, kept_widths, round_kept
+
+    for width, multiple in [(11, 8), (1536, 8), (44, 16), (40, 8), (5, 1), (16, 16)]:
+        widths = kept_widths(width, multiple)
+        assert all(round_kept(k / 4, width, multiple) in widths for k in range(0, 4 * width + 1))
+        assert round_kept(width, width, multiple) == width  # nothing asked, nothing removed
+        assert sum(channel_chunks(width, multiple)) == width - widths[-1]

@@ -90,10 +90,11 @@ def kept_widths(width: int, multiple: int) -> list[int]:
 
 
 def round_kept(kept: float, width: int, multiple: int) -> int:
-    """The kept width nearest `kept` among `kept_widths(width, multiple)`."""
+    """The kept width nearest `kept` among `kept_widths(width, multiple)` (the full width included:
+    a layer asked to keep all its channels keeps them, multiple or not)."""
     if multiple > 1 and width >= multiple:
-        kept = multiple * round(kept / multiple)
-        return int(min(max(kept, multiple), width))
+        rounded = int(min(max(multiple * round(kept / multiple), multiple), width))
+        return width if width - kept < abs(rounded - kept) else rounded
     return int(min(max(round(kept), 1), width))
 
 
