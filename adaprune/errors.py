@@ -23,3 +23,7 @@ class EstimatorError(AdapruneError, ValueError):
 
 class ConfigurationError(AdapruneError, ValueError):
     """An argument of the Pruner is out of range or unknown."""
+
+
+class DistributedError(AdapruneError, RuntimeError):
+    """A collective of a multi-process run failed: a rank died, hung past the timeout, or disagrees."""

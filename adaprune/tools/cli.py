@@ -75,6 +75,18 @@ def _calibration_texts(path: str | None) -> list[str]:
 def cmd_prune(args: argparse.Namespace) -> int:
     from .data import token_batches
     from ..pipeline import Pruner
+    from ..scoring import distributed
+
+    # Under torchrun (WORLD_SIZE > 1) the ranks share the calibration; see docs/scale.md.
+    joined = distributed.init_from_env(distributed.timeout_from_env(args.dist_timeout))
+    try:
+        return _prune(args, Pruner, token_batches, distributed)
+    finally:
+        if joined:
+            distributed.shutdown()
+
+
+def _prune(args: argparse.Namespace, Pruner, token_batches, distributed) -> int:
 
     start = time.perf_counter()
     model, tokenizer = load_model(args.model, args.trust_remote_code)
@@ -90,6 +102,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
                     else args.reconstruct, allocation=args.allocation, units=args.units.split(","), mode="slice", layers=args.layers,
                     multiple=args.multiple)
     plan = pruner.plan(batches)
+    if not distributed.is_main():
+        return 0  # every rank planned the same; rank 0 applies, reconstructs and saves
     pruner.apply(plan)
     out = Path(args.out)
     model.save_pretrained(out)
@@ -203,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--out", required=True, help="folder for the pruned checkpoint")
     prune.add_argument("--report", default=None, help="write the report JSON here")
     prune.add_argument("--trust-remote-code", action="store_true")
+    prune.add_argument("--dist-timeout", type=float, default=1800.0,
+                       help="under torchrun: seconds a rank waits for the others before failing "
+                            "(env ADAPRUNE_DIST_TIMEOUT overrides)")
     prune.set_defaults(func=cmd_prune)
 
     evaluate = sub.add_parser("eval", help="perplexity on a text file and, with --mc, multiple-choice accuracy")
