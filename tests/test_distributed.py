@@ -97,3 +97,28 @@ def test_one_rank_is_a_no_op(world):
     assert not distributed.active() and distributed.world_size() == 1 and distributed.is_main()
     assert distributed.shard(["a", "b"]) == [(0, "a"), (1, "b")]
     assert distributed.combine({1: "b", 0: "a"}) == ["a", "b"]
+
+
+def test_torchrun_cli_saves_on_rank_zero_the_single_process_plan(tmp_path):
+    import json
+
+    from adaprune.tools.cli import main
+    from test_cli_eval_report import SHAPE, word_tokenizer
+
+    from families import FAMILIES, build
+
+    build(FAMILIES[0], SHAPE).save_pretrained(tmp_path / "model")
+    word_tokenizer().save_pretrained(tmp_path / "model")
+    (tmp_path / "text.txt").write_text("\n\n".join(["the cat sat on a mat . the dog ran home"] * 12))
+    args = ["prune", str(tmp_path / "model"), "--calib", str(tmp_path / "text.txt"), "--samples", "6", "--seq-len",
+            "8", "--batch-size", "2", "--fusion", "coarse", "--estimators", "taylor,activation", "--ratio", "0.3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ADAPRUNE_DIST_TIMEOUT": "30",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(free_port()), "-m", "adaprune", *args,
+                           "--out", str(tmp_path / "dist")], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("pruned ") == 1  # only rank 0 applies, saves and says so
+    assert single(lambda: main([*args, "--out", str(tmp_path / "one")])) == 0
+    two, one = (json.loads((tmp_path / name / "adaprune_plan.json").read_text()) for name in ("dist", "one"))
+    assert two["layers"] == one["layers"] and two["scores"] == one["scores"]
