@@ -244,10 +244,15 @@ def _activation_hooks(model: nn.Module, table: UnitTable, stats: CalibrationStat
                                                   torch.zeros(module.in_features, dtype=torch.float64))
 
         def note(_module, args, _path=path):
-            # float64 statistics live on the CPU on purpose: a few vectors per layer, exact sums.
-            moments = batch_moments(args[0].detach().cpu())
+            x = args[0].detach()
+            if x.device.type == "mps":  # no float64 there
+                x = x.cpu()
+            moments = batch_moments(x)  # reduced where the activation lives (a GPU stays a GPU)
             if moments is not None:
-                record().activations.setdefault(_path, []).append(moments)
+                # The float64 statistics live on the CPU on purpose: two vectors per Linear and pass,
+                # exact sums, nothing held on the accelerator between passes.
+                n, mean, m2 = moments
+                record().activations.setdefault(_path, []).append((n, mean.cpu(), m2.cpu()))
 
         hooks.append(module.register_forward_pre_hook(note))
     return hooks
