@@ -76,7 +76,12 @@ def main() -> None:
     try:
         if scenario == "die" and rank == 1:
             os._exit(3)  # a rank that dies before it calibrates
-        result = {"statistics": statistics()} if scenario in ("exact", "die") else {}
+        if scenario == "hang" and rank == 1:
+            import time
+
+            time.sleep(40)  # a rank that hangs: the other must give up after its timeout
+            os._exit(4)
+        result = {"statistics": statistics()} if scenario in ("exact", "die", "hang") else {}
         if scenario == "exact":
             result["plans"] = plans()
         torch.save(result, out / f"rank{rank}.pt")

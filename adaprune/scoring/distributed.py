@@ -145,9 +145,17 @@ def _arrive(what: str) -> None:
     if store is not None:
         store.set(_key(_SEQUENCE[0], rank()), "1")
     if dist.get_backend() == "gloo":
-        _collective(what, dist.monitored_barrier, wait_all_ranks=True)
+        _collective(what, dist.monitored_barrier, timeout=_group_timeout(), wait_all_ranks=True)
     else:
         _collective(what, dist.barrier)
+
+
+def _group_timeout() -> timedelta | None:
+    """The default process group's own timeout (monitored_barrier would otherwise wait torch's 30 min)."""
+    try:
+        return dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu")).options._timeout
+    except Exception:  # a private accessor: without it the barrier waits torch's default
+        return None
 
 
 def _store():
