@@ -175,6 +175,15 @@ def main() -> None:
         run = json.loads(done.stdout.strip().splitlines()[-1])
         run["wall_seconds"] = round(time.perf_counter() - start, 1)
         runs.append(run)
+        # Written after every size, so that a run stopped by a time limit keeps the sizes it finished.
+        record = summarise(runs, estimators, args, samples, skipped=sizes[i + 1:])
+        if not args.quick:
+            write(record)
+    print(json.dumps(record, indent=1) if args.quick else table(record))
+
+
+def summarise(runs: list[dict], estimators: list[str], args: argparse.Namespace, samples: list[int],
+              skipped: list[str]) -> dict:
     rows = [row for run in runs for row in run["rows"]]
     fits = {}
     for name in estimators:
@@ -185,19 +194,19 @@ def main() -> None:
             fits[f"{name}/{stage}"] = fit(pts)
         fits[f"{name}/score+plan"] = fit([((r["params"] if name == "magnitude" else r["params"] * r["tokens"]),
                                            sum(r["seconds"].values()) - r["seconds"].get("apply", 0)) for r in mine])
-    record = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs, 1 thread, shared", "python": platform.python_version(),
-              "date": time.strftime("%Y-%m-%d"), "seq_len": args.seq_len, "samples": samples, "runs": runs,
-              "fitted_exponents": fits, "load_average": os.getloadavg()}
-    if args.quick:
-        print(json.dumps(record, indent=1))
-        return
+    return {"machine": f"{platform.machine()} {os.cpu_count()} CPUs, 1 thread, shared",
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "seq_len": args.seq_len,
+            "samples": samples, "runs": runs, "fitted_exponents": fits, "load_average": os.getloadavg(),
+            "not_run": skipped}
+
+
+def write(record: dict) -> None:
     from adaprune.io import write_text
 
     RESULTS.mkdir(exist_ok=True)
     write_text(RESULTS / "scale.json", json.dumps(record, indent=1))
     write_text(RESULTS / "scale.md", table(record))
     plot(record, RESULTS / "scale.png")
-    print(table(record))
 
 
 def table(record: dict) -> str:
@@ -223,7 +232,12 @@ def table(record: dict) -> str:
               + ", ".join(f"{run['size']}: {run['runtime_bytes'] / 2**20:.0f} MiB" for run in record["runs"]), "",
               "Fitted exponent b of seconds ~ (parameters x tokens)^b (magnitude: parameters^b), least squares:", "",
               "| estimator / stage | exponent |", "|---|---:|",
-              *[f"| {k} | {'' if v is None else f'{v:.2f}'} |" for k, v in record["fitted_exponents"].items()], ""]
+              *[f"| {k} | {'' if v is None else f'{v:.2f}'} |" for k, v in record["fitted_exponents"].items()], "",
+              f"Load average at the end (1, 5, 15 min): {', '.join(f'{x:.1f}' for x in record['load_average'])}; "
+              f"wall seconds per size (build included): "
+              + ", ".join(f"{run['size']}: {run['wall_seconds']:.0f}" for run in record["runs"]), ""]
+    if record.get("not_run"):
+        lines.append(f"Not run (the run stopped or was limited): {', '.join(record['not_run'])}.")
     return "\n".join(lines)
 
 
