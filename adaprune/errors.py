@@ -43,3 +43,7 @@ class FusionWarning(AdapruneWarning):
 
 class MaskedModelWarning(AdapruneWarning):
     """A masked model is saved or exported: its checkpoint keeps every zeroed unit at full size."""
+
+
+class DistributedError(AdapruneError, RuntimeError):
+    """A collective of a multi-process run failed: a rank died, hung past the timeout, or disagrees."""

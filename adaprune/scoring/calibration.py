@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import CalibrationError
+from . import distributed
 from ..units.model_state import preserved
 from ..units.table import Member, UnitTable
 from ..vocabulary import LEVELS, Level
@@ -61,17 +62,44 @@ class ActivationStats:
         return self.m2 + self.count * self.mean**2
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-        n = x.shape[0]
-        if n == 0:
-            return
-        batch_mean = x.mean(0)
-        batch_m2 = ((x - batch_mean) ** 2).sum(0)
+        moments = batch_moments(x)
+        if moments is not None:
+            self.merge(*moments)
+
+    def merge(self, n: int, batch_mean: torch.Tensor, batch_m2: torch.Tensor) -> None:
+        """Chan's merge of one batch's (count, mean, M2) into the running statistics."""
         total = self.count + n
         delta = batch_mean - self.mean
         self.mean = self.mean + delta * (n / total)
         self.m2 = self.m2 + batch_m2 + delta**2 * (self.count * n / total)
         self.count = total
+
+
+def batch_moments(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+    """(count, mean, M2) per channel of one batch of inputs (float64), or None for an empty one."""
+    x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+    n = x.shape[0]
+    if n == 0:
+        return None
+    batch_mean = x.mean(0)
+    return n, batch_mean, ((x - batch_mean) ** 2).sum(0)
+
+
+@dataclass
+class PassRecord:
+    """What one forward (and backward) pass contributes, before it is folded into the totals.
+
+    With one process a record is folded as soon as its pass ends; with several, every rank keeps
+    the records of its passes and `distributed.combine` hands all of them back in pass order, so the
+    totals are added in the single-process order, bit for bit.
+    """
+
+    loss: float = float("nan")
+    samples: int = 0  # rows of the batch this pass opens (0 for the later samples of a split batch)
+    tokens: int = 0
+    activations: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    gradients: dict[tuple[str, Level, int], torch.Tensor] = field(default_factory=dict)
+    positions: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -196,7 +224,12 @@ def calibrate(
     gradient_terms: Iterable[GradientTerm] = (),
     progress: bool = True,
 ) -> CalibrationStats:
-    """Run the calibration batches once through `model`, gathering only what was asked for."""
+    """Run the calibration batches once through `model`, gathering only what was asked for.
+
+    Under an initialised process group each rank runs its shard of the batches (batch i on rank
+    i % world size) and every rank returns the statistics of all of them, equal bit for bit to
+    one process's (see `adaprune.scoring.distributed`).
+    """
     batches = as_batches(calibration)
     terms = list(gradient_terms)
     stats = CalibrationStats()
@@ -204,22 +237,39 @@ def calibrate(
         return stats
     device = next(model.parameters()).device
     per_sample = any(t.per_sample for t in terms)
-    losses = []
+    if terms:
+        stats.gradient_terms = {t.name: {level: [torch.zeros(layer.num_units[level], dtype=torch.float64)
+                                                 for layer in table] for level in LEVELS}
+                                for t in terms if not t.per_position}
+        stats.position_terms = {t.name: {} for t in terms if t.per_position}
+    sharded = distributed.active()
+    losses: list[float] = []
+    kept: dict[int, PassRecord] = {}  # with several ranks: this rank's records, by global pass index
+    current = PassRecord()
     hooks = []
     with preserved(model):
         if activations:
-            hooks += _activation_hooks(model, table, stats)
+            hooks += _activation_hooks(model, table, stats, lambda: current)
         if terms:
-            stats.gradient_terms = {t.name: {level: [torch.zeros(layer.num_units[level], dtype=torch.float64)
-                                                     for layer in table] for level in LEVELS}
-                                    for t in terms if not t.per_position}
-            stats.position_terms = {t.name: {} for t in terms if t.per_position}
-            hooks += _gradient_hooks(model, table, terms, stats)
+            hooks += _gradient_hooks(model, table, terms, lambda: current)
         try:
-            _run_passes(model, batches, terms, per_sample, stats, losses, device, progress)
+            mine = distributed.shard(batches)
+            for index, batch in tqdm(mine, desc="calibration", unit="batch", disable=not progress):
+                split = batch.split(1) if per_sample else [batch]
+                for part, ids in enumerate(split):
+                    current = PassRecord(samples=batch.shape[0] if part == 0 else 0,
+                                         tokens=batch.numel() if part == 0 else 0)
+                    current.loss = _run_pass(model, ids.to(device), bool(terms))
+                    if sharded:
+                        kept[_pass_index(batches, index, part, per_sample)] = current
+                    else:
+                        _fold(stats, current, losses)
         finally:
             for hook in hooks:
                 hook.remove()
+    if sharded:
+        for record in distributed.combine(kept):
+            _fold(stats, record, losses)
     stats.mean_loss = sum(losses) / len(losses)
     if any(loss != loss for loss in losses):
         raise CalibrationError("The calibration loss is NaN: check the model's dtype (use float32 for "
@@ -227,25 +277,42 @@ def calibrate(
     return stats
 
 
-def _run_passes(model: nn.Module, batches: list[torch.Tensor], terms: list[GradientTerm], per_sample: bool,
-                stats: CalibrationStats, losses: list[float], device: torch.device, progress: bool) -> None:
-    """The forward (and, for gradient terms, backward) passes over every batch."""
-    for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress):
-        stats.samples += batch.shape[0]
-        stats.tokens += batch.numel()
-        for ids in batch.split(1) if per_sample else [batch]:
-            ids = ids.to(device)
-            if terms:
-                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                loss.backward()
-            else:
-                with torch.no_grad():
-                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            losses.append(float(loss.detach()))
-            stats.passes += 1
+def _pass_index(batches: list[torch.Tensor], index: int, part: int, per_sample: bool) -> int:
+    """The position of pass `part` of batch `index` in the single-process order of passes."""
+    if not per_sample:
+        return index
+    return sum(b.shape[0] for b in batches[:index]) + part
 
 
-def _activation_hooks(model: nn.Module, table: UnitTable, stats: CalibrationStats) -> list:
+def _run_pass(model: nn.Module, ids: torch.Tensor, backward: bool) -> float:
+    """One forward pass (and backward, for gradient terms); the hooks fill the current record."""
+    if backward:
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+    else:
+        with torch.no_grad():
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    return float(loss.detach())
+
+
+def _fold(stats: CalibrationStats, record: PassRecord, losses: list[float]) -> None:
+    """Add one pass's contributions to the totals (always in pass order: the sums are order-exact)."""
+    losses.append(record.loss)
+    stats.samples += record.samples
+    stats.tokens += record.tokens
+    stats.passes += 1
+    for path, moments in record.activations.items():
+        for moment in moments:
+            stats.activations[path].merge(*moment)
+    for (term, level, layer), partial in record.gradients.items():
+        stats.gradient_terms[term][level][layer] += partial
+    for (term, name), values in record.positions.items():
+        totals = stats.position_terms[term]
+        totals[name] = totals[name] + values if name in totals else values
+
+
+def _activation_hooks(model: nn.Module, table: UnitTable, stats: CalibrationStats,
+                      record: Callable[[], PassRecord]) -> list:
     paths = sorted({m.module_path for layer in table for level in LEVELS for m in layer.members[level]})
     hooks = []
     for path in paths:
@@ -253,14 +320,23 @@ def _activation_hooks(model: nn.Module, table: UnitTable, stats: CalibrationStat
         stats.activations[path] = ActivationStats(0, torch.zeros(module.in_features, dtype=torch.float64),
                                                   torch.zeros(module.in_features, dtype=torch.float64))
 
-        def record(_module, args, _path=path):
-            stats.activations[_path].update(args[0].detach().cpu())
+        def note(_module, args, _path=path):
+            x = args[0].detach()
+            if x.device.type == "mps":  # no float64 there
+                x = x.cpu()
+            moments = batch_moments(x)  # reduced where the activation lives (a GPU stays a GPU)
+            if moments is not None:
+                # The float64 statistics live on the CPU on purpose: two vectors per Linear and pass,
+                # exact sums, nothing held on the accelerator between passes.
+                n, mean, m2 = moments
+                record().activations.setdefault(_path, []).append((n, mean.cpu(), m2.cpu()))
 
-        hooks.append(module.register_forward_pre_hook(record))
+        hooks.append(module.register_forward_pre_hook(note))
     return hooks
 
 
-def _gradient_hooks(model: nn.Module, table: UnitTable, terms: list[GradientTerm], stats: CalibrationStats) -> list:
+def _gradient_hooks(model: nn.Module, table: UnitTable, terms: list[GradientTerm],
+                    record: Callable[[], PassRecord]) -> list:
     members: dict[str, list[tuple[Level, int, Member]]] = {}
     for layer in table:
         for level in LEVELS:
@@ -277,17 +353,23 @@ def _gradient_hooks(model: nn.Module, table: UnitTable, terms: list[GradientTerm
         def fold(p, _entries=members[name], _name=name):
             w, g = p.detach(), p.grad.detach()
             dim = _entries[0][2].dim  # a parameter is pruned along the same dimension at every level
+            current = record()
             for term in terms:
                 values = term.fn(w, g)
                 per_position = (values.sum(dim=1 - dim) if values.dim() == 2 else values).to(torch.float64).cpu()
                 if term.per_position:
-                    totals = stats.position_terms[term.name]
-                    totals[_name] = totals[_name] + per_position if _name in totals else per_position
+                    key = (term.name, _name)
+                    current.positions[key] = current.positions[key] + per_position if key in current.positions \
+                        else per_position
                     continue
                 for level, layer_index, member in _entries:
-                    totals = stats.gradient_terms[term.name][level][layer_index]
                     owned = member.owner >= 0
-                    totals.index_add_(0, member.owner[owned], per_position[owned])
+                    key = (term.name, level, layer_index)
+                    partial = current.gradients.get(key)
+                    if partial is None:
+                        partial = current.gradients[key] = torch.zeros(
+                            table.layers[layer_index].num_units[level], dtype=torch.float64)
+                    partial.index_add_(0, member.owner[owned], per_position[owned])
             p.grad = None  # folded: drop it now, never hold a second copy of the model
 
         hooks.append(param.register_post_accumulate_grad_hook(fold))

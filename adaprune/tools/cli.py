@@ -196,6 +196,18 @@ def check_prune_arguments(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_prune(args: argparse.Namespace) -> int:
     from .data import token_batches
     from ..pipeline import Pruner
+    from ..scoring import distributed
+
+    # Under torchrun (WORLD_SIZE > 1) the ranks share the calibration; see docs/scale.md.
+    joined = distributed.init_from_env(distributed.timeout_from_env(args.dist_timeout))
+    try:
+        return _prune(args, Pruner, token_batches, distributed)
+    finally:
+        if joined:
+            distributed.shutdown()
+
+
+def _prune(args: argparse.Namespace, Pruner, token_batches, distributed) -> int:
 
     checked = check_prune_arguments(args)
     start = time.perf_counter()
@@ -216,6 +228,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
                     allocation=args.allocation, units=checked["units"], mode="slice", layers=args.layers,
                     multiple=args.multiple)
     plan = pruner.plan(batches)
+    if not distributed.is_main():
+        return 0  # every rank planned the same; rank 0 applies, reconstructs and saves
     pruner.apply(plan)
     out = Path(args.out)
     report = pruner.report(plan)
@@ -506,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="replace a non-empty --out (only once the new checkpoint is complete)")
     prune.add_argument("--report", default=None, help="write the report JSON here")
     prune.add_argument("--trust-remote-code", action="store_true")
+    prune.add_argument("--dist-timeout", type=float, default=1800.0,
+                       help="under torchrun: seconds a rank waits for the others before failing "
+                            "(env ADAPRUNE_DIST_TIMEOUT overrides)")
     prune.set_defaults(func=cmd_prune)
 
     evaluate = sub.add_parser("eval", help="perplexity on a text file; with --mc multiple-choice accuracy; "

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
+from ...scoring import distributed
 from ...scoring.candidates import Candidates
 from ...units.gating import per_column, scaled_inputs
 from ...units.model_state import frozen
@@ -58,7 +59,9 @@ class Trainer:
                         best = (hard, step, {k: v.detach().clone() for k, v in self.attention.state_dict().items()})
                 if step == self.policy.steps:
                     break
-                batch = self.batches[step % len(self.batches)]
+                # Data parallel: with several ranks each takes its own batch of the step (one rank: step's).
+                index = (step * distributed.world_size() + distributed.rank()) % len(self.batches)
+                batch = self.batches[index]
                 fused = self._fused()
                 # Sites without a choice to learn are masked too (from their fixed scores), so that
                 # the model trains against the whole pruned structure.
@@ -66,9 +69,10 @@ class Trainer:
                                               straight_through=self.policy.mask == "ste",
                                               fixed_counts=self.fixed_counts)
                               for key, removed in self._removals().items()}
-                loss = self._loss(batch, step % len(self.batches))
+                loss = self._loss(batch, index)
                 optimiser.zero_grad()
                 loss.backward()
+                distributed.average_gradients(self.attention.parameters())  # the same blend on every rank
                 optimiser.step()
                 losses.append(float(loss.detach()))
                 progress.update(1)
@@ -121,7 +125,10 @@ class Trainer:
                 mask[removed] = 0.0
                 self.masks[(level, layer)] = mask
             checked = self.batches[:self.policy.check_batches]
-            total = sum(float(self._loss(batch, i)) for i, batch in enumerate(checked))
+            # Each rank checks its share; the losses are added in batch order, so every rank (and one
+            # process alone) gets the same number and picks the same step.
+            mine = {i: float(self._loss(batch, i)) for i, batch in distributed.shard(checked)}
+            total = sum(distributed.combine(mine, "the fusion's check losses"))
         self.masks = {}
         return total / len(checked)
 

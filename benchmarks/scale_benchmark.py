@@ -1,0 +1,271 @@
+"""How the cost grows: random-initialised Llama-shaped models of growing size, each estimator.
+
+    OMP_NUM_THREADS=1 flock /tmp/adaprune-heavy.lock python benchmarks/scale_benchmark.py
+    python benchmarks/scale_benchmark.py --sizes 135M --quick      # a smoke run
+
+Sizes (float32, random init, the shapes of public checkpoints): ``135M`` (SmolLM2-135M), ``360M``
+(SmolLM2-360M), ``1.1B`` (TinyLlama-1.1B); ``3B`` (Llama-3.2-3B) only with ``--sizes ...,3B``: in
+float32 with Taylor it needs about 2 x 13 GB, more than this machine's 23 GB leaves.
+
+Each size runs in a fresh process with one thread. The process first measures its runtime
+(resident memory once Python, torch, transformers and adaprune are imported), builds the model
+(not timed as a stage), then for each estimator, with the default fusion (`adaptive`, its default
+options) and the default allocation:
+
+* ``score``: `Pruner.score(batches)`: calibration (the one pass) and the estimator's scoring;
+* ``plan``: `Pruner.plan(batches, scores=...)`: the fusion (the adaptive one trains its blend on
+  the same batches) and the allocation;
+
+and, once per size (Taylor's plan), ``apply``: slicing the model (reconstruction off: its cost
+grows with the cube of the widths, not with parameters x tokens; it is measured separately by
+benchmarks/quality_benchmark.py). Before each step the kernel's peak-RSS counter is reset
+(/proc/self/clear_refs), so each step's peak is its own; the memory multiple is
+(peak - runtime) / the model's bytes.
+
+The fit: log(seconds) = a + b log(parameters x calibration tokens), least squares over the sizes
+(and the token-scaled points), per estimator and stage. Magnitude needs no calibration: its
+scoring is fitted against parameters alone.
+Results: benchmarks/results/scale.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+ESTIMATORS = ("magnitude", "taylor", "activation", "fluctuation")
+
+# name -> LlamaConfig fields (shapes of public checkpoints; the weights are random)
+SHAPES = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True),  # smoke runs only
+    "135M": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                 num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    "360M": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
+                 num_key_value_heads=5, vocab_size=49152, tie_word_embeddings=True),
+    "1.1B": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                 num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False),
+    "3B": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+}
+
+
+def _status(field: str) -> int:
+    """A VmXXX line of /proc/self/status, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak() -> bool:
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:  # hand freed heap back to the kernel, so a case's leftovers do not count towards the next one
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def worker(size: str, samples: list[int], seq_len: int, estimators: list[str]) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from adaprune import Pruner
+
+    runtime = _status("VmRSS")
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    config = LlamaConfig(**SHAPES[size], max_position_embeddings=2048)
+    model = LlamaForCausalLM(config).eval()
+    build = time.perf_counter() - start
+    params = sum(p.numel() for p in model.parameters())
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    to_apply = None
+    for count in samples:
+        batches = [torch.randint(0, config.vocab_size, (2, seq_len), generator=generator) for _ in range(count // 2)]
+        tokens = count * seq_len
+        names = estimators if count == samples[0] else [e for e in estimators if e != "magnitude"]
+        for name in names:
+            pruner = Pruner(model, ratio=0.2, estimators=[name], reconstruct=False, progress=False)
+            row = {"size": size, "params": params, "model_bytes": model_bytes, "tokens": tokens, "estimator": name}
+            reset = _reset_peak()
+            cache = pruner.score(batches)
+            row["score_peak"] = _status("VmHWM")
+            _reset_peak()
+            plan = pruner.plan(batches, scores=cache)
+            row["plan_peak"] = _status("VmHWM")
+            row["seconds"] = dict(pruner.timings)
+            row["peak_reset"] = reset
+            if name == "taylor" and count == samples[0]:
+                to_apply = (pruner, plan, row)
+            rows.append(row)
+    if to_apply is not None:  # slicing changes the model: last
+        pruner, plan, row = to_apply
+        _reset_peak()
+        pruner.apply(plan)
+        row["seconds"]["apply"] = pruner.timings["apply"]
+        row["apply_peak"] = _status("VmHWM")
+    for row in rows:
+        for key in ("score_peak", "plan_peak", "apply_peak"):
+            if key in row:
+                row[key.replace("peak", "multiple")] = round((row[key] - runtime) / model_bytes, 3)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    return {"size": size, "runtime_bytes": runtime, "build_seconds": round(build, 2), "rows": rows}
+
+
+def fit(points: list[tuple[float, float]]) -> float | None:
+    """The slope of log(y) against log(x), least squares."""
+    points = [(math.log(x), math.log(y)) for x, y in points if x > 0 and y > 0]
+    if len(points) < 2:
+        return None
+    mx = sum(x for x, _ in points) / len(points)
+    my = sum(y for _, y in points) / len(points)
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    return round(sum((x - mx) * (y - my) for x, y in points) / sxx, 3) if sxx else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", default="135M,360M,1.1B")
+    parser.add_argument("--seq-len", type=int, default=32)
+    parser.add_argument("--samples", default="4,16", help="calibration samples; the later counts only at the first size")
+    parser.add_argument("--estimators", default=",".join(ESTIMATORS))
+    parser.add_argument("--worker", default=None)
+    parser.add_argument("--quick", action="store_true", help="write nothing, print the rows")
+    args = parser.parse_args()
+    samples = [int(s) for s in args.samples.split(",")]
+    estimators = args.estimators.split(",")
+    if args.worker:
+        size, counts = args.worker.split(":")
+        print(json.dumps(worker(size, [int(c) for c in counts.split("/")], args.seq_len, estimators)))
+        return
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    runs = []
+    sizes = args.sizes.split(",")
+    for i, size in enumerate(sizes):
+        counts = samples if i == 0 else samples[:1]  # more tokens at the smallest size: the token axis
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, __file__, "--worker", f"{size}:{'/'.join(map(str, counts))}",
+                               "--seq-len", str(args.seq_len), "--estimators", args.estimators],
+                              env=env, stdout=subprocess.PIPE, text=True)
+        if done.returncode:
+            raise SystemExit(f"size {size} failed (exit {done.returncode})")
+        run = json.loads(done.stdout.strip().splitlines()[-1])
+        run["wall_seconds"] = round(time.perf_counter() - start, 1)
+        runs.append(run)
+        # Written after every size, so that a run stopped by a time limit keeps the sizes it finished.
+        record = summarise(runs, estimators, args, samples, skipped=sizes[i + 1:])
+        if not args.quick:
+            write(record)
+    print(json.dumps(record, indent=1) if args.quick else table(record))
+
+
+def summarise(runs: list[dict], estimators: list[str], args: argparse.Namespace, samples: list[int],
+              skipped: list[str]) -> dict:
+    rows = [row for run in runs for row in run["rows"]]
+    fits = {}
+    for name in estimators:
+        mine = [r for r in rows if r["estimator"] == name]
+        for stage in ("calibration", "scoring", "fusion"):
+            pts = [((r["params"] if name == "magnitude" else r["params"] * r["tokens"]), r["seconds"].get(stage, 0))
+                   for r in mine]
+            fits[f"{name}/{stage}"] = fit(pts)
+        fits[f"{name}/score+plan"] = fit([((r["params"] if name == "magnitude" else r["params"] * r["tokens"]),
+                                           sum(r["seconds"].values()) - r["seconds"].get("apply", 0)) for r in mine])
+    return {"machine": f"{platform.machine()} {os.cpu_count()} CPUs, 1 thread, shared",
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "seq_len": args.seq_len,
+            "samples": samples, "runs": runs, "fitted_exponents": fits, "load_average": os.getloadavg(),
+            "not_run": skipped}
+
+
+def write(record: dict) -> None:
+    from adaprune.io import write_text
+
+    RESULTS.mkdir(exist_ok=True)
+    write_text(RESULTS / "scale.json", json.dumps(record, indent=1))
+    write_text(RESULTS / "scale.md", table(record))
+    plot(record, RESULTS / "scale.png")
+
+
+def table(record: dict) -> str:
+    lines = [f"# Cost against size (random-init Llama shapes, float32, {record['machine']}, {record['date']})", "",
+             "Seconds per stage, and peak resident memory above the runtime as a multiple of the model's bytes "
+             "(score = calibration + scoring; plan = fusion + allocation; apply = slicing).", "",
+             "| size | params | tokens | estimator | calibration s | scoring s | fusion s | allocation s | apply s "
+             "| score peak / model | plan peak / model | apply peak / model |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for run in record["runs"]:
+        for r in run["rows"]:
+            s = r["seconds"]
+            lines.append(f"| {r['size']} | {r['params'] / 1e6:.0f}M | {r['tokens']} | {r['estimator']} | "
+                         f"{s.get('calibration', 0):.2f} | {s.get('scoring', 0):.2f} | {s.get('fusion', 0):.2f} | "
+                         f"{s.get('allocation', 0):.2f} | {s['apply']:.2f} | " if "apply" in s else
+                         f"| {r['size']} | {r['params'] / 1e6:.0f}M | {r['tokens']} | {r['estimator']} | "
+                         f"{s.get('calibration', 0):.2f} | {s.get('scoring', 0):.2f} | {s.get('fusion', 0):.2f} | "
+                         f"{s.get('allocation', 0):.2f} | | ")
+            lines[-1] += (f"{r['score_multiple']:.2f} | {r['plan_multiple']:.2f} | "
+                          f"{r['apply_multiple']:.2f} |" if "apply_multiple" in r else
+                          f"{r['score_multiple']:.2f} | {r['plan_multiple']:.2f} | |")
+    lines += ["", "Runtime (Python + torch + transformers + adaprune, resident before the model): "
+              + ", ".join(f"{run['size']}: {run['runtime_bytes'] / 2**20:.0f} MiB" for run in record["runs"]), "",
+              "Fitted exponent b of seconds ~ (parameters x tokens)^b (magnitude: parameters^b), least squares:", "",
+              "| estimator / stage | exponent |", "|---|---:|",
+              *[f"| {k} | {'' if v is None else f'{v:.2f}'} |" for k, v in record["fitted_exponents"].items()], "",
+              f"Load average at the end (1, 5, 15 min): {', '.join(f'{x:.1f}' for x in record['load_average'])}; "
+              f"wall seconds per size (build included): "
+              + ", ".join(f"{run['size']}: {run['wall_seconds']:.0f}" for run in record["runs"]), ""]
+    if record.get("not_run"):
+        lines.append(f"Not run (the run stopped or was limited): {', '.join(record['not_run'])}.")
+    return "\n".join(lines)
+
+
+def plot(record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for run in record["runs"] for r in run["rows"]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name in dict.fromkeys(r["estimator"] for r in rows):
+        mine = sorted((r for r in rows if r["estimator"] == name), key=lambda r: r["params"] * r["tokens"])
+        x = [r["params"] * r["tokens"] for r in mine]
+        left.loglog(x, [sum(v for k, v in r["seconds"].items() if k != "apply") for r in mine], "o-", label=name)
+        right.semilogx(x, [max(r["score_multiple"], r["plan_multiple"]) for r in mine], "o-", label=name)
+    left.set(xlabel="parameters x calibration tokens", ylabel="seconds (score + plan)", title="time")
+    right.set(xlabel="parameters x calibration tokens", ylabel="peak above runtime / model bytes", title="memory")
+    for ax in (left, right):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    from adaprune.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
