@@ -1,6 +1,6 @@
 """Deploy benchmark: SmolLM2-135M dense and pruned (20 %, 50 %) as GGUF files, run side by side in llama.cpp.
 
-    flock /tmp/adaprune-heavy.lock python benchmarks/deploy_benchmark.py
+    python benchmarks/deploy_benchmark.py
 
 Each model is pruned by the default Pruner (only `ratio` set), exported at f16 and q8_0, and every
 file is run by llama.cpp (llama-cpp-python, the `llama` extra) in its own process, batch 1, 2
@@ -194,7 +194,7 @@ def main() -> int:
     report = {"settings": {"threads": THREADS, "batch": 1, "prompt_tokens": PROMPT, "generated_tokens": GENERATE,
                            "rounds": args.rounds, "perplexity_windows": args.windows, "seq_len": SEQ_LEN,
                            "pruner": "Pruner(model, ratio=r) defaults", "llama_cpp_python": llama_cpp.__version__,
-                           "command": "flock /tmp/adaprune-heavy.lock python benchmarks/deploy_benchmark.py"},
+                           "command": "python benchmarks/deploy_benchmark.py"},
               "results": results, "targets": targets}
     out = Path(args.out)
     from adaprune.io import write_text

@@ -1,7 +1,7 @@
 """LoRA recovery on SmolLM2-135M: seconds per step, and perplexity before/after, side by side in one run.
 
-    OMP_NUM_THREADS=1 flock /tmp/adaprune-heavy.lock python benchmarks/recovery_benchmark.py timing
-    OMP_NUM_THREADS=1 flock /tmp/adaprune-heavy.lock python benchmarks/recovery_benchmark.py quality --steps 200
+    OMP_NUM_THREADS=1 python benchmarks/recovery_benchmark.py timing
+    OMP_NUM_THREADS=1 python benchmarks/recovery_benchmark.py quality --steps 200
 
 `timing` measures seconds per recovery step (objective lm and kl) for thread counts and batch sizes.
 `quality` prunes SmolLM2 (Pruner(model, ratio=0.2) defaults, 32 x 128 Wikipedia calibration tokens),

@@ -1,6 +1,6 @@
 """How the cost grows: random-initialised Llama-shaped models of growing size, each estimator.
 
-    OMP_NUM_THREADS=1 flock /tmp/adaprune-heavy.lock python benchmarks/scale_benchmark.py
+    OMP_NUM_THREADS=1 python benchmarks/scale_benchmark.py
     python benchmarks/scale_benchmark.py --sizes 135M --quick      # a smoke run
 
 Sizes (float32, random init, the shapes of public checkpoints): ``135M`` (SmolLM2-135M), ``360M``

@@ -1,6 +1,6 @@
 """Measure the dense SmolLM2-135M on every multiple-choice task in the data folder and choose the suite.
 
-    OMP_NUM_THREADS=1 flock /tmp/adaprune-heavy.lock python benchmarks/suite_selection.py
+    OMP_NUM_THREADS=1 python benchmarks/suite_selection.py
 
 Every task (``social_iqa`` and the twenty in ``bigbench/``) is scored on its first ``--limit`` items
 (500; fewer where they would score more than ``--token-budget`` tokens, 12,000, counting prompt and choice
@@ -105,7 +105,7 @@ def main() -> int:
               f"{'KEEP' if row['kept'] else '-'} ({own['seconds']}s)", flush=True)
     seconds = time.perf_counter() - start_all
 
-    command = "OMP_NUM_THREADS=1 flock /tmp/adaprune-heavy.lock python benchmarks/suite_selection.py " + " ".join(sys.argv[1:])
+    command = "OMP_NUM_THREADS=1 python benchmarks/suite_selection.py " + " ".join(sys.argv[1:])
     kept = [r for r in rows if r["kept"]]
     suite = {
         "name": "zero_shot",
