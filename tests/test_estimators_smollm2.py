@@ -58,7 +58,10 @@ def pruned_perplexity(model, stream, estimator, cache=None) -> float:
     """Perplexity with the estimator's plan applied as a mask; the model is restored afterwards."""
     from adaprune.tools.evaluate import perplexity
 
-    pruner = Pruner(model, ratio=RATIO, estimators=[estimator], fusion="fixed", units=["channels"], mode="mask",
+    # Uniform allocation: the estimators are compared on the same per-layer budget (global would let each
+    # reweigh the layers by its own block scores).
+    pruner = Pruner(model, ratio=RATIO, estimators=[estimator], fusion="fixed", allocation="uniform", units=["channels"],
+                    mode="mask",
                     progress=False)
     plan = pruner.plan(scores=cache)
     assert abs(plan.params["removed"] / plan.params["prunable_before"] - RATIO) < 0.02

@@ -44,7 +44,7 @@ def pruned_perplexity(model, stream, estimator, calibration):
 
     pruned = copy.deepcopy(model)
     # Fixed fusion: this test is about the pipeline and the estimator; the adaptive policy has its own.
-    pruner = Pruner(pruned, ratio=0.2, estimators=[estimator], fusion="fixed", progress=False)
+    pruner = Pruner(pruned, ratio=0.2, estimators=[estimator], fusion="fixed", allocation="uniform", progress=False)
     pruner.apply(pruner.plan(calibration))
     ppl = perplexity(pruned, stream, seq_len=SEQ_LEN, max_windows=EVAL_WINDOWS)["perplexity"]
     removed = 1 - sum(p.numel() for p in pruned.parameters()) / sum(p.numel() for p in model.parameters())
