@@ -201,7 +201,7 @@ def add_suite(args) -> int:
     from adaprune.tools.suite import evaluate_suite
 
     out = Path(args.out)
-    payload = json.loads(out.with_suffix(".json").read_text())
+    payload = json.loads(out.parent / f"{out.name}.json".read_text())
     dense, tokenizer = load_smollm2()
     for row in payload["results"]:
         if "saved" not in row or "suite_average" in row:
@@ -218,7 +218,7 @@ def add_suite(args) -> int:
 
 
 def write_results(payload: dict[str, Any], out: Path) -> None:
-    write_text(out.with_suffix(".json"), json.dumps(payload, indent=1, default=str))
+    write_text(out.parent / f"{out.name}.json", json.dumps(payload, indent=1, default=str))
     rows = payload["results"]
     dense = next((r for r in rows if r["config"] == "dense"), None)
     columns = [k for k in ("wiki_ppl128", "wiki_ppl512", "debian_ppl128", "debian_ppl512", "fortunes_ppl128",
@@ -240,7 +240,7 @@ def write_results(payload: dict[str, Any], out: Path) -> None:
                 cells.append(f"{value:.2f}" + (f" ({value / dense[key]:.2f}x)" if dense and key in dense else ""))
         lines.append(f"| {r['ratio']:g} | {r['config']} | {r['params']:,} | " + " | ".join(cells)
                      + f" | {r.get('prune_seconds', '–')} | {r.get('recovery_seconds', '–')} | {r.get('peak_rss_mb', '–')} |")
-    write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
+    write_text(out.parent / f"{out.name}.md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
