@@ -201,7 +201,7 @@ def add_suite(args) -> int:
     from adaprune.tools.suite import evaluate_suite
 
     out = Path(args.out)
-    payload = json.loads(out.parent / f"{out.name}.json".read_text())
+    payload = json.loads((out.parent / f"{out.name}.json").read_text())
     dense, tokenizer = load_smollm2()
     for row in payload["results"]:
         if "saved" not in row or "suite_average" in row:
