@@ -128,3 +128,17 @@ def build(family: Family, shape: Shape, seed: int = 0) -> PreTrainedModel:
             if param.dim() == 2 or name.endswith("bias"):
                 param.normal_(0, 0.1)
     return model.eval()
+
+
+def prune_by_hand(model: PreTrainedModel, **removals) -> PreTrainedModel:
+    """Slice `model` by a hand-made plan: `removals` maps LayerPlan fields to one value per layer."""
+    from adaprune import Pruner
+
+    pruner = Pruner(model, ratio=0.0, estimators=["magnitude"], allocation="global",
+                    units=["kv_groups", "channels", "blocks"], progress=False)
+    plan = pruner.plan()
+    for field, per_layer in removals.items():
+        for layer, value in zip(plan.layers, per_layer):
+            setattr(layer, field, value)
+    pruner.apply(plan, mode="slice")
+    return model

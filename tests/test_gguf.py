@@ -18,7 +18,7 @@ import torch
 
 from adaprune import ExportError, Pruner, UnsupportedArchitectureError, export_gguf, unit_table
 from adaprune.tools.cli import main
-from families import FAMILIES, Shape, build
+from families import FAMILIES, Shape, build, prune_by_hand
 
 try:
     import llama_cpp
@@ -54,16 +54,6 @@ def tiny(name: str, window: int | None = None):
     return model
 
 
-def slice_by(model, **removals):
-    """Prune `model` (sliced) by a hand-made plan: `removals` maps LayerPlan fields to one value per layer."""
-    pruner = Pruner(model, ratio=0.0, estimators=["magnitude"], allocation="global",
-                    units=["kv_groups", "channels", "blocks"], progress=False)
-    plan = pruner.plan()
-    for field, per_layer in removals.items():
-        for layer, value in zip(plan.layers, per_layer):
-            setattr(layer, field, value)
-    pruner.apply(plan, mode="slice")
-    return model
 
 
 def llama_cpp_logits(path, ids) -> np.ndarray:
@@ -103,7 +93,7 @@ PLANS = {
 @pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "llama-untied-biased"])
 def test_llama_cpp_gives_pytorch_logits(name, plan, tokenizer, tmp_path):
-    model = slice_by(tiny(name), **PLANS[plan])
+    model = prune_by_hand(tiny(name), **PLANS[plan])
     reader = assert_same_logits(model, tokenizer, tmp_path)
     # Uniform shapes keep the family's architecture; per-layer shapes go to "deci", and so does a
     # Qwen2 that lost heads (llama.cpp's "qwen2" builds its query projection hidden_size wide).
@@ -120,7 +110,7 @@ def test_llama_cpp_gives_pytorch_logits(name, plan, tokenizer, tmp_path):
 def test_mistral_window_becomes_the_trained_context(tokenizer, tmp_path):
     """llama.cpp attends to the whole context: the file records the window as the context, inside which
     full attention is sliding-window attention."""
-    model = slice_by(tiny("mistral", window=6), **PLANS["per-layer"])
+    model = prune_by_hand(tiny("mistral", window=6), **PLANS["per-layer"])
     path = export_gguf(model, tokenizer, tmp_path / "m.gguf", dtype="f32")
     assert gguf.GGUFReader(path).get_field("deci.context_length").contents() == 6
     with torch.no_grad():
@@ -143,7 +133,7 @@ def test_tied_embeddings_are_written_once(tokenizer, tmp_path):
                                          num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                          max_position_embeddings=64, tie_word_embeddings=True)).eval()
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    slice_by(model, remove_channels=[[1, 2], list(range(10))])
+    prune_by_hand(model, remove_channels=[[1, 2], list(range(10))])
     names = [t.name for t in assert_same_logits(model, tokenizer, tmp_path).tensors]
     assert "token_embd.weight" in names and "output.weight" not in names
 
@@ -161,13 +151,13 @@ def test_global_allocation_plan_runs_in_llama_cpp(tokenizer, tmp_path):
 
 @needs_llama_cpp
 def test_layer_without_attention_or_mlp_in_the_last_layer(tokenizer, tmp_path):
-    model = slice_by(tiny("llama"), remove_attention=[False, False, True], remove_mlp=[False, True, True])
+    model = prune_by_hand(tiny("llama"), remove_attention=[False, False, True], remove_mlp=[False, True, True])
     assert_same_logits(model, tokenizer, tmp_path)
 
 
 @needs_llama_cpp
 def test_q8_0_and_f16_files_run_close_to_pytorch(tokenizer, tmp_path):
-    model = slice_by(tiny("llama"), **PLANS["per-layer"])
+    model = prune_by_hand(tiny("llama"), **PLANS["per-layer"])
     with torch.no_grad():
         expected = model(input_ids=torch.tensor([IDS])).logits[0].numpy()
     sizes = {}
@@ -212,7 +202,7 @@ def test_unwritable_folder_is_refused(tokenizer, tmp_path):
 
 
 def test_layer_0_without_attention_is_refused(tokenizer, tmp_path):
-    model = slice_by(tiny("llama"), remove_attention=[True, False, False])
+    model = prune_by_hand(tiny("llama"), remove_attention=[True, False, False])
     with pytest.raises(ExportError, match="Layer 0"):
         export_gguf(model, tokenizer, tmp_path / "x.gguf")
 
@@ -226,7 +216,7 @@ def test_unsupported_family_is_not_even_detected_without_a_spec(tokenizer, tmp_p
 
 @needs_llama_cpp
 def test_cli_export_writes_a_file_and_refuses_a_bad_type(tokenizer, tmp_path, capsys):
-    model = slice_by(tiny("llama"), **PLANS["per-layer"])
+    model = prune_by_hand(tiny("llama"), **PLANS["per-layer"])
     folder = tmp_path / "pruned"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -283,7 +273,7 @@ def test_pruned_smollm2_generates_the_same_greedy_continuation(tmp_path):
 
 def test_eval_speed_measures_dense_and_pruned_in_alternation(tmp_path, capsys):
     dense = build(family("llama"), Shape(layers=2, kv_heads=2, heads_per_group=2, head_dim=8, width=32))
-    pruned = slice_by(build(family("llama"), Shape(layers=2, kv_heads=2, heads_per_group=2, head_dim=8, width=32)),
+    pruned = prune_by_hand(build(family("llama"), Shape(layers=2, kv_heads=2, heads_per_group=2, head_dim=8, width=32)),
                       remove_kv_groups=[[1], [1]], remove_channels=[list(range(16))] * 2)
     from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models

@@ -14,7 +14,7 @@ from adaprune import Pruner, RecoveryError, RecoveryReport, recover
 from adaprune.stages.recover import lora_targets
 from adaprune.tools.cli import main
 from conftest import random_batches
-from families import FAMILIES, Shape, build
+from families import FAMILIES, Shape, build, prune_by_hand
 from test_cli_eval_report import word_tokenizer
 
 SHAPE = Shape(layers=3, kv_heads=2, heads_per_group=2, head_dim=4, width=16)
@@ -25,15 +25,6 @@ def llama(shape: Shape = SHAPE):
     return build(FAMILIES[0], shape)
 
 
-def prune_by(model, **removals):
-    """Slice `model` by a plan removing `removals` (a LayerPlan field: one value per layer)."""
-    pruner = Pruner(model, ratio=0.0, estimators=["magnitude"], progress=False)
-    plan = pruner.plan()
-    for field, per_layer in removals.items():
-        for layer, value in zip(plan.layers, per_layer):
-            setattr(layer, field, value)
-    pruner.apply(plan, mode="slice")
-    return model
 
 
 def logits(model, ids: torch.Tensor = IDS) -> torch.Tensor:
@@ -86,7 +77,7 @@ def test_dtype_follows_the_model():
 
 
 def test_removed_blocks_get_no_adapter():
-    model = prune_by(llama(), remove_mlp=[False, True, False], remove_attention=[True, False, False])
+    model = prune_by_hand(llama(), remove_mlp=[False, True, False], remove_attention=[True, False, False])
     targets = lora_targets(model)
     assert not any(t.startswith("model.layers.1.mlp") or t.startswith("model.layers.0.self_attn") for t in targets)
     assert len(targets) == 3 * 7 - 3 - 4
@@ -94,7 +85,7 @@ def test_removed_blocks_get_no_adapter():
 
 
 def test_per_layer_shapes_recovered_then_saved_reload_exactly(tmp_path):
-    model = prune_by(llama(), remove_kv_groups=[[0], [], [1]], remove_channels=[[1, 2, 3], [0], []],
+    model = prune_by_hand(llama(), remove_kv_groups=[[0], [], [1]], remove_channels=[[1, 2, 3], [0], []],
                      remove_mlp=[False, False, True])
     recover(model, random_batches(SHAPE.vocab), steps=5, lr=1e-2, progress=False)
     model.save_pretrained(tmp_path)
@@ -107,7 +98,7 @@ def test_per_layer_shapes_recovered_then_saved_reload_exactly(tmp_path):
 
 def test_kl_to_the_teacher_goes_down():
     teacher = llama()
-    student = prune_by(copy.deepcopy(teacher), remove_channels=[list(range(10))] * 3, remove_kv_groups=[[0]] * 3)
+    student = prune_by_hand(copy.deepcopy(teacher), remove_channels=[list(range(10))] * 3, remove_kv_groups=[[0]] * 3)
     report = RecoveryReport()
     batches = random_batches(SHAPE.vocab, count=2, batch=4)
     # Random tokens carry nothing to generalise from: the training batches serve as validation.
@@ -156,7 +147,7 @@ def test_texts_need_a_tokenizer_and_are_cut_into_windows():
 
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
 def test_an_interruption_mid_training_leaves_the_model_bit_identical(error):
-    model = prune_by(llama(), remove_kv_groups=[[0], [], [1]], remove_channels=[[1, 2], [], [0]])
+    model = prune_by_hand(llama(), remove_kv_groups=[[0], [], [1]], remove_channels=[[1, 2], [], [0]])
     before, out = state(model), logits(model)
     grads = {name: p.requires_grad for name, p in model.named_parameters()}
     calls = []
