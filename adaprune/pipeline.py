@@ -14,6 +14,7 @@ every setting with its default: the command line builds its options from it, so 
 from __future__ import annotations
 
 import numbers
+import os
 import resource
 import sys
 import time
@@ -35,13 +36,17 @@ from .errors import AdapruneError, ConfigurationError, EstimatorError, FusionWar
 from .estimators.base import Estimator, Scores
 from .export.config import sync_config
 from .fusion.base import FusionContext
-from .plan import LayerPlan, Plan
+from .io import atomic_directory
+from .plan import PLAN_FILE, LayerPlan, Plan
 from .plugins import create_allocator, create_policy, describe, detect_spec, parse_estimator
 from .scoring.cache import ScoreCache, estimator_record, fingerprint
 from .scoring.calibration import CalibrationStats, as_batches, calibrate, check_token_ids
 from .scoring.candidates import block_importance, candidates_of, validate_scores
 from .stages.base import Stage, StageContext
 from .stages.reconstruct import ReconstructStage
+from .streaming.checkpoint import CheckpointWeights
+from .streaming.scoring import check_streamable, streamed_scores
+from .streaming.writer import write_streamed
 from .units.table import UnitTable
 from .vocabulary import parse_units
 
@@ -96,6 +101,11 @@ class Pruner:
             the calibration batches (``adaprune.stages.reconstruct``); a dict gives its options
             (``damping``, ``samples``, ``target``, ``bias``); False skips it.
         stages: further stages after apply (see ``adaprune.stages``), run after reconstruction.
+        offload: a safetensors checkpoint folder holding `model`'s weights, for a model larger than
+            memory: `model` may then be on the meta device (``adaprune.streaming.empty_model``), the
+            scoring loads one decoder layer at a time from the folder, and `save()` slices and writes
+            one layer at a time (``adaprune.streaming``). Forward-only estimators, a fusion that does not
+            run the model, no reconstruction.
         progress: show progress bars.
     """
 
@@ -113,6 +123,7 @@ class Pruner:
         multiple: int = DEFAULTS.multiple,
         reconstruct: bool | dict[str, Any] = DEFAULTS.reconstruct,
         stages: Sequence[Stage] = (),
+        offload: str | os.PathLike[str] | None = None,
         progress: bool = True,
     ) -> None:
         self.ratio = _ratio(ratio)
@@ -120,7 +131,7 @@ class Pruner:
             raise ConfigurationError(f"mode must be one of {MODES}, got {mode!r}.")
         if not isinstance(multiple, numbers.Integral) or isinstance(multiple, bool) or multiple < 1:
             raise ConfigurationError(f"multiple must be a positive integer, got {multiple!r}.")
-        check_model(model)
+        check_model(model, weights_elsewhere=offload is not None)
         self.model = model
         self.spec = detect_spec(model)
         self.estimators = [parse_estimator(e) for e in estimators]
@@ -141,6 +152,9 @@ class Pruner:
                                      "damping, samples, target and bias.") from None
         self.stages = first + list(stages)
         self.progress = progress
+        self.weights = CheckpointWeights(offload) if offload is not None else None
+        if self.weights is not None:
+            check_streamable(self.estimators, self.fusion, self.stages)
         table = UnitTable(model, self.spec)
         self.eligible = eligible_layers(len(table), layers)
         check_units(self.units, self.allocator, self.spec)
@@ -167,11 +181,20 @@ class Pruner:
         table = UnitTable(self.model, self.spec)
         needs = set().union(*(e.needs for e in self.estimators))
         stats = CalibrationStats()
+        if needs - {"weights"} and not batches:
+            raise ConfigurationError(
+                f"Estimators {[e.name for e in self.estimators if set(e.needs) - {'weights'}]} need calibration "
+                "data: pass token-id batches (or texts with a tokenizer) to plan().")
+        if self.weights is not None:  # one layer resident at a time: the passes and the scoring together
+            with self._timed("calibration"):
+                stats, scores = streamed_scores(self.model, table, self.weights, batches, self.estimators,
+                                                self._run_estimator, self.progress)
+            if stats.passes:
+                self.calibration = {"samples": stats.samples, "tokens": stats.tokens, "passes": stats.passes,
+                                    "mean_loss": stats.mean_loss, "streamed": True}
+            return ScoreCache(scores, [estimator_record(e) for e in self.estimators], fingerprint(self.model, table),
+                              self._means(table, stats))
         if needs - {"weights"}:
-            if not batches:
-                raise ConfigurationError(
-                    f"Estimators {[e.name for e in self.estimators if set(e.needs) - {'weights'}]} need calibration "
-                    "data: pass token-id batches (or texts with a tokenizer) to plan().")
             # One fold per term name: two estimators may share a term (both Taylor orders need w*g).
             terms = list({t.name: t for e in self.estimators for t in e.gradient_terms()}.values())
             with self._timed("calibration"), torch.enable_grad():
@@ -183,8 +206,12 @@ class Pruner:
                 stats.batches = batches
         with self._timed("scoring"), torch.enable_grad():
             scores = {e.name: self._run_estimator(e, table, stats) for e in self.estimators}
-        means = input_means(table, stats) if any(e.compensates_bias for e in self.estimators) else None
-        return ScoreCache(scores, [estimator_record(e) for e in self.estimators], fingerprint(self.model, table), means)
+        return ScoreCache(scores, [estimator_record(e) for e in self.estimators], fingerprint(self.model, table),
+                          self._means(table, stats))
+
+    def _means(self, table: UnitTable, stats: CalibrationStats) -> dict[str, torch.Tensor] | None:
+        """The input means bias compensation needs, when an estimator compensates."""
+        return input_means(table, stats) if any(e.compensates_bias for e in self.estimators) else None
 
     def _run_estimator(self, estimator: Estimator, table: UnitTable, stats: CalibrationStats) -> Scores:
         """The estimator's scores, checked; a plugin's own failure is reported with its name."""
@@ -285,6 +312,9 @@ class Pruner:
         Stages that learn from data (reconstruction) use `calibration`, by default the calibration
         of the `plan()` call that made `plan` with this Pruner.
         """
+        if self.weights is not None:
+            raise ConfigurationError("With offload the model's weights are not in memory to change in place: write "
+                                     "the pruned checkpoint with pruner.save(plan, out) (layer by layer).")
         mode = mode or self.mode
         if mode not in MODES:
             raise ConfigurationError(f"mode must be one of {MODES}, got {mode!r}.")
@@ -321,6 +351,25 @@ class Pruner:
             handle.release()
             slice_model(plan, self.model, table, shift_biases=False)  # the mask added the bias shifts
             sync_config(self.model, self.spec, plan.pruned_shapes())
+
+    def save(self, plan: Plan, out: str | os.PathLike[str], tokenizer: Any = None, overwrite: bool = False) -> None:
+        """Apply `plan` (slicing, then the stages) and write the pruned checkpoint to `out`, atomically.
+
+        The folder holds the weights, the config (and the generated modeling file for per-layer
+        shapes), the tokenizer when given, and the plan (`adaprune_plan.json`). With offload, the
+        layers are sliced and written one at a time as safetensors shards, never all in memory.
+        """
+        with atomic_directory(out, overwrite=overwrite) as folder:
+            if self.weights is not None:
+                table = UnitTable(self.model, self.spec)
+                with self._timed("slice"):
+                    write_streamed(self.model, table, plan, self.weights, folder, self.progress)
+            else:
+                self.apply(plan, mode="slice")
+                self.model.save_pretrained(folder)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(folder)
+            plan.save(folder / PLAN_FILE)
 
     def restore(self) -> None:
         """Undo a `mask` application."""
@@ -364,8 +413,11 @@ def peak_memory_mb() -> float:
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
 
-def check_model(model: nn.Module) -> None:
-    """Refuse, before any work, models adaprune cannot prune in place: weights not loaded, wrapped Linears."""
+def check_model(model: nn.Module, weights_elsewhere: bool = False) -> None:
+    """Refuse, before any work, models adaprune cannot prune in place: weights not loaded, wrapped Linears.
+
+    `weights_elsewhere` (offload): parameters on the meta device are expected, their values stream in.
+    """
     if not isinstance(model, nn.Module):
         raise ConfigurationError(f"model must be a torch.nn.Module (a transformers causal LM), got "
                                  f"{type(model).__name__}.")
@@ -376,11 +428,11 @@ def check_model(model: nn.Module) -> None:
             "leave the adapters the old shapes. Merge them first (model = model.merge_and_unload()), or prune the base "
             "model before adding adapters.")
     meta = [name for name, param in model.named_parameters() if param.is_meta]
-    if meta:
+    if meta and not weights_elsewhere:
         raise ConfigurationError(
             f"{len(meta)} parameters of the model are on the meta device (no weights, e.g. {meta[0]}): it was built "
             "without loading them. Load the model with its weights (from_pretrained(...) without init_empty_weights "
-            "or device_map='meta').")
+            "or device_map='meta'), or, for a model larger than memory, pass offload=<its safetensors folder>.")
 
 
 def _ratio(ratio: Any) -> float:

@@ -43,7 +43,19 @@ CALIBRATION_SAMPLES = 32
 
 def worker(args: argparse.Namespace) -> None:
     import llama_cpp
+    import llama_cpp.llama_cpp as bindings
 
+    # Weight repacking into extra buffer types off (llama.cpp's --no-repack), for every file alike: on
+    # CPUs with AMX, llama.cpp 0.3.36 repacks q8_0 tensors (the token embedding included) into its
+    # AMX buffer and then crashes (SIGSEGV) on the first evaluation; measured on this machine.
+    defaults = bindings.llama_model_default_params
+
+    def without_repacking():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    bindings.llama_model_default_params = without_repacking
     task = json.loads(Path(args.worker).read_text())
     llm = llama_cpp.Llama(model_path=task["path"], n_ctx=512, n_batch=512, n_threads=THREADS,
                           n_threads_batch=THREADS, logits_all=task["kind"] == "perplexity", verbose=False)
@@ -194,6 +206,7 @@ def main() -> int:
     report = {"settings": {"threads": THREADS, "batch": 1, "prompt_tokens": PROMPT, "generated_tokens": GENERATE,
                            "rounds": args.rounds, "perplexity_windows": args.windows, "seq_len": SEQ_LEN,
                            "pruner": "Pruner(model, ratio=r) defaults", "llama_cpp_python": llama_cpp.__version__,
+                           "repacking": "off (use_extra_bufts=False: q8_0 repacked for AMX crashes on this CPU)",
                            "command": "python benchmarks/deploy_benchmark.py"},
               "results": results, "targets": targets}
     out = Path(args.out)
@@ -211,7 +224,7 @@ def markdown(report: dict) -> str:
         "# Deploy benchmark: SmolLM2-135M in llama.cpp",
         "",
         f"`{s['command']}` (llama-cpp-python {s['llama_cpp_python']}; batch 1, {s['threads']} threads; "
-        f"prompt {s['prompt_tokens']} tokens, generation {s['generated_tokens']} tokens; medians of {s['rounds']} "
+        f"weight repacking {s['repacking']}; prompt {s['prompt_tokens']} tokens, generation {s['generated_tokens']} tokens; medians of {s['rounds']} "
         f"rounds, the files in alternation; perplexity on {s['perplexity_windows']} windows of {s['seq_len']} "
         "Wikipedia test tokens, llama.cpp's logits vs PyTorch float32 on the same tokens).",
         "",

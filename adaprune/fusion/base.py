@@ -60,6 +60,9 @@ class FusionPolicy:
     """
 
     name: ClassVar[str]
+    #: Whether the policy runs the model (``context.model``, ``context.batches``): such a policy
+    #: cannot work on a model streamed one layer at a time (offload).
+    uses_model: ClassVar[bool] = False
 
     @property
     def options(self) -> dict[str, Any]:

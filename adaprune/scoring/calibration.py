@@ -238,10 +238,7 @@ def calibrate(
     device = next(model.parameters()).device
     per_sample = any(t.per_sample for t in terms)
     if terms:
-        stats.gradient_terms = {t.name: {level: [torch.zeros(layer.num_units[level], dtype=torch.float64)
-                                                 for layer in table] for level in LEVELS}
-                                for t in terms if not t.per_position}
-        stats.position_terms = {t.name: {} for t in terms if t.per_position}
+        start_gradient_totals(stats, table, terms)
     sharded = distributed.active()
     losses: list[float] = []
     kept: dict[int, PassRecord] = {}  # with several ranks: this rank's records, by global pass index
@@ -249,9 +246,9 @@ def calibrate(
     hooks = []
     with preserved(model):
         if activations:
-            hooks += _activation_hooks(model, table, stats, lambda: current)
+            hooks += activation_hooks(model, table, stats, lambda: current)
         if terms:
-            hooks += _gradient_hooks(model, table, terms, lambda: current)
+            hooks += gradient_hooks(model, table, terms, lambda: current)
         try:
             mine = distributed.shard(batches)
             for index, batch in tqdm(mine, desc="calibration", unit="batch", disable=not progress):
@@ -275,6 +272,14 @@ def calibrate(
         raise CalibrationError("The calibration loss is NaN: check the model's dtype (use float32 for "
                                "calibration) and the token ids.")
     return stats
+
+
+def start_gradient_totals(stats: CalibrationStats, table: UnitTable, terms: list[GradientTerm]) -> None:
+    """Zero per-unit totals for every term (per layer and level), empty per-position ones."""
+    stats.gradient_terms = {t.name: {level: [torch.zeros(layer.num_units[level], dtype=torch.float64)
+                                             for layer in table] for level in LEVELS}
+                            for t in terms if not t.per_position}
+    stats.position_terms = {t.name: {} for t in terms if t.per_position}
 
 
 def _pass_index(batches: list[torch.Tensor], index: int, part: int, per_sample: bool) -> int:
@@ -301,6 +306,11 @@ def _fold(stats: CalibrationStats, record: PassRecord, losses: list[float]) -> N
     stats.samples += record.samples
     stats.tokens += record.tokens
     stats.passes += 1
+    fold_statistics(stats, record)
+
+
+def fold_statistics(stats: CalibrationStats, record: PassRecord) -> None:
+    """Add one pass's activation moments and gradient terms to the totals (in pass order: order-exact)."""
     for path, moments in record.activations.items():
         for moment in moments:
             stats.activations[path].merge(*moment)
@@ -311,8 +321,9 @@ def _fold(stats: CalibrationStats, record: PassRecord, losses: list[float]) -> N
         totals[name] = totals[name] + values if name in totals else values
 
 
-def _activation_hooks(model: nn.Module, table: UnitTable, stats: CalibrationStats,
-                      record: Callable[[], PassRecord]) -> list:
+def activation_hooks(model: nn.Module, table: UnitTable, stats: CalibrationStats,
+                     record: Callable[[], PassRecord]) -> list:
+    """Forward pre-hooks on every prunable Linear of `table` that add each input's moments to `record()`."""
     paths = sorted({m.module_path for layer in table for level in LEVELS for m in layer.members[level]})
     hooks = []
     for path in paths:
@@ -335,9 +346,12 @@ def _activation_hooks(model: nn.Module, table: UnitTable, stats: CalibrationStat
     return hooks
 
 
-def _gradient_hooks(model: nn.Module, table: UnitTable, terms: list[GradientTerm],
-                    record: Callable[[], PassRecord]) -> list:
+def gradient_hooks(model: nn.Module, table: UnitTable, terms: list[GradientTerm],
+                   record: Callable[[], PassRecord]) -> list:
+    """Post-accumulate-grad hooks on every prunable parameter of `table` that fold each gradient into
+    `record()` as soon as it is ready, then drop it (the other parameters stop needing gradients)."""
     members: dict[str, list[tuple[Level, int, Member]]] = {}
+    layers = {layer.index: layer for layer in table}  # `table` may be a view of some layers
     for layer in table:
         for level in LEVELS:
             for member in layer.members[level]:
@@ -368,7 +382,7 @@ def _gradient_hooks(model: nn.Module, table: UnitTable, terms: list[GradientTerm
                     partial = current.gradients.get(key)
                     if partial is None:
                         partial = current.gradients[key] = torch.zeros(
-                            table.layers[layer_index].num_units[level], dtype=torch.float64)
+                            layers[layer_index].num_units[level], dtype=torch.float64)
                     partial.index_add_(0, member.owner[owned], per_position[owned])
             p.grad = None  # folded: drop it now, never hold a second copy of the model
 

@@ -34,9 +34,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..apply.mask import MaskHandle
-from ..apply.positions import complement, pruned_positions
+from ..apply.positions import pruned_positions
 from ..errors import ConfigurationError
 from ..plan import Plan
+from ..units.layerwise import Stop, forward_layer, forward_until_stopped, layer_inputs
 from ..units.model_state import frozen
 from ..units.table import LayerUnits
 from ..vocabulary import BlockKind
@@ -44,10 +45,6 @@ from .base import Stage, StageContext
 
 TARGETS = ("pruned", "dense")
 MAX_RETRIES = 6
-
-
-class _Stop(Exception):
-    """Raised by a capturing hook once it has what it needs: the rest of the forward is not run."""
 
 
 @dataclass
@@ -108,7 +105,7 @@ class ReconstructStage(Stage):
                                   "layers": [], "warnings": [],
                                   "parameters_added": self._add_biases(model, plan, units, by_layer, context.mask)}
         with frozen(model), torch.no_grad():
-            hidden, kwargs = _layer_inputs(model, layers[0], batches)
+            hidden, kwargs = layer_inputs(model, layers[0], batches)
             dense_hidden = [h.clone() for h in hidden] if self.target == "dense" else None
             for layer_units, layer in tqdm(list(zip(units, layers)), desc="reconstruction", unit="layer",
                                            disable=not context.progress):
@@ -122,8 +119,8 @@ class ReconstructStage(Stage):
                 if fitted:
                     report["layers"].append({"layer": layer_units.index, "projections": fitted})
                 if dense_hidden is not None:
-                    dense_hidden = [_forward(dense_layer, h, k) for h, k in zip(dense_hidden, kwargs)]
-                hidden = [_forward(layer, h, k) for h, k in zip(hidden, kwargs)]
+                    dense_hidden = [forward_layer(dense_layer, h, k) for h, k in zip(dense_hidden, kwargs)]
+                hidden = [forward_layer(layer, h, k) for h, k in zip(hidden, kwargs)]
         return report
 
     def _add_biases(self, model: nn.Module, plan: Plan, units, by_layer: dict[int, list[_Projection]],
@@ -165,11 +162,11 @@ class ReconstructStage(Stage):
         stats = {p.inner: _Moments(p.linear.in_features, paired=dense_hidden is not None) for p in group}
         with _capture_inputs(probe, [p.inner for p in group], stats, "pruned"):
             for h, k in zip(hidden, kwargs):
-                _forward_until_captured(probe, h, k)
+                forward_until_stopped(probe, h, k)
         if dense_hidden is not None:
             with _capture_inputs(dense_layer, [p.inner for p in group], stats, "dense"):
                 for h, k in zip(dense_hidden, kwargs):
-                    _forward_until_captured(dense_layer, h, k)
+                    forward_until_stopped(dense_layer, h, k)
         del probe
         fitted = []
         for projection in group:
@@ -301,7 +298,7 @@ def _capture_inputs(module: nn.Module, paths: list[str], stats: dict[str, _Momen
         def hook(_module, args, _path=path):
             stats[_path].add(args[0], path_kind)
             if _path == last:
-                raise _Stop
+                raise Stop
 
         handles.append(module.get_submodule(path).register_forward_pre_hook(hook))
     try:
@@ -309,39 +306,3 @@ def _capture_inputs(module: nn.Module, paths: list[str], stats: dict[str, _Momen
     finally:
         for handle in handles:
             handle.remove()
-
-
-def _layer_inputs(model: nn.Module, first_layer: nn.Module, batches: list[torch.Tensor]):
-    """The hidden states entering the first decoder layer for each batch, and the keyword arguments
-    the model passes to its layers for that batch (positions, masks: the same for every layer):
-    the other positional arguments and the keyword arguments."""
-    hidden, captured = [], []
-
-    def hook(_module, args, kwargs):
-        hidden.append(args[0] if args else kwargs["hidden_states"])
-        captured.append((args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"}))
-        raise _Stop
-
-    handle = first_layer.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for ids in batches:
-            try:
-                model(input_ids=ids, use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return hidden, captured
-
-
-def _forward(layer: nn.Module, hidden: torch.Tensor, arguments: tuple[tuple, dict]) -> torch.Tensor:
-    rest, kwargs = arguments
-    output = layer(hidden, *rest, **kwargs)
-    return output[0] if isinstance(output, tuple) else output
-
-
-def _forward_until_captured(layer: nn.Module, hidden: torch.Tensor, arguments: tuple[tuple, dict]) -> None:
-    try:
-        _forward(layer, hidden, arguments)
-    except _Stop:
-        pass

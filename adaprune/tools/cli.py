@@ -15,13 +15,17 @@ import torch
 from safetensors import SafetensorError
 
 from ..errors import AdapruneError
-from ..io import atomic_directory, check_output_folder, check_writable_file, write_text
+from ..io import check_output_folder, check_writable_file, write_text
 from ..pipeline import DEFAULTS
-from ..plan import PLAN_FILE
 
 
-def load_model(path: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
-    """A causal LM and its tokenizer from a checkpoint folder or a GGUF file."""
+def load_model(path: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
+               offload: bool = False):
+    """A causal LM and its tokenizer from a checkpoint folder or a GGUF file.
+
+    With `offload` the model is built on the meta device: its weights stay in the folder's
+    safetensors files, for the Pruner to stream (adaprune.streaming).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = Path(path)
@@ -43,11 +47,22 @@ def load_model(path: str, trust_remote_code: bool = False, dtype: torch.dtype = 
             raise AdapruneError(f"{path} brings its own modeling file (a pruned model whose layers differ, or that "
                                 "lost whole blocks); pass --trust-remote-code to load it.")
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if offload and source.suffix == ".gguf":
+        raise AdapruneError(f"--offload streams layers from safetensors files, and {path} is a GGUF file: convert it "
+                            "once (adaprune.tools.data.load_smollm2 shows how), or drop --offload.")
     if source.suffix == ".gguf":
         kwargs["gguf_file"] = source.name
         source = source.parent
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs).eval()
+        if offload:
+            from ..streaming import CheckpointWeights, empty_model
+
+            CheckpointWeights(source)  # no safetensors files: refused before building anything
+            model = empty_model(source, trust_remote_code, dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs).eval()
+    except AdapruneError:
+        raise
     except Exception as error:  # a damaged checkpoint fails in many ways (safetensors, shapes, configs)
         raise AdapruneError(f"Could not load a causal language model from {path} ({type(error).__name__}: "
                             f"{error}); give a transformers checkpoint folder or a .gguf file.") from error
@@ -211,7 +226,7 @@ def _prune(args: argparse.Namespace, Pruner, token_batches, distributed) -> int:
 
     checked = check_prune_arguments(args)
     start = time.perf_counter()
-    model, tokenizer = load_model(args.model, args.trust_remote_code)
+    model, tokenizer = load_model(args.model, args.trust_remote_code, offload=args.offload)
     load_seconds = time.perf_counter() - start
     params_before = sum(p.numel() for p in model.parameters())
     positions = getattr(model.config, "max_position_embeddings", None)
@@ -226,19 +241,15 @@ def _prune(args: argparse.Namespace, Pruner, token_batches, distributed) -> int:
     pruner = Pruner(model, ratio=args.ratio, estimators=checked["estimators"], fusion=args.fusion,
                     fusion_options=checked["fusion_options"], reconstruct=checked["reconstruct"],
                     allocation=args.allocation, units=checked["units"], mode="slice", layers=args.layers,
-                    multiple=args.multiple)
+                    multiple=args.multiple, offload=args.model if args.offload else None)
     plan = pruner.plan(batches)
     if not distributed.is_main():
         return 0  # every rank planned the same; rank 0 applies, reconstructs and saves
-    pruner.apply(plan)
     out = Path(args.out)
+    # The checkpoint appears whole or not at all; an old one (--overwrite) goes only once the new one is complete.
+    pruner.save(plan, out, tokenizer, overwrite=True)
     report = pruner.report(plan)
     report["stage_seconds"] = {"load": round(load_seconds, 3), **report["stage_seconds"]}
-    # The checkpoint appears whole or not at all; an old one (--overwrite) goes only once the new one is complete.
-    with atomic_directory(out, overwrite=True) as folder:
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        plan.save(folder / PLAN_FILE)
     if args.report:
         write_text(args.report, json.dumps(report, indent=1))
     print(f"pruned {params_before:,} -> {report['params_after']:,} parameters "
@@ -520,6 +531,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="replace a non-empty --out (only once the new checkpoint is complete)")
     prune.add_argument("--report", default=None, help="write the report JSON here")
     prune.add_argument("--trust-remote-code", action="store_true")
+    prune.add_argument("--offload", action="store_true",
+                       help="for a model larger than memory: keep its weights in its safetensors files and load one "
+                            "decoder layer at a time (forward-only estimators, --fusion fixed, --no-reconstruct; "
+                            "docs/scale.md)")
     prune.add_argument("--dist-timeout", type=float, default=1800.0,
                        help="under torchrun: seconds a rank waits for the others before failing "
                             "(env ADAPRUNE_DIST_TIMEOUT overrides)")

@@ -14,6 +14,7 @@ with the index as in the current model.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -87,6 +88,12 @@ class UnitTable:
                 kind: sum(p.numel() for p in layer.get_submodule(block.path).parameters())
                 for kind, block in spec.removable_blocks().items() if kind not in shape.removed_blocks()}
             self.layers.append(layer_units)
+
+    def subset(self, indices: Sequence[int]) -> UnitTable:
+        """A table of only the layers at `indices` (each keeping its own index and path)."""
+        view = copy.copy(self)
+        view.layers = [self.layers[i] for i in indices]
+        return view
 
     def __iter__(self) -> Iterator[LayerUnits]:
         return iter(self.layers)

@@ -52,6 +52,7 @@ class AdaptivePolicy(FusionPolicy):
     """
 
     name = "adaptive"
+    uses_model = True
 
     def __init__(self, steps: int = 24, lr: float = 0.05, temperature: float = 0.5, batch_size: int = 2,
                  objective: str = "kl", mask: str = "ste", eval_every: int = 4, check_batches: int = 4,

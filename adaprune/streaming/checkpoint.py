@@ -1,0 +1,129 @@
+"""A model whose weights stay in its safetensors files until a stage needs them.
+
+`empty_model(folder)` builds the model on the meta device (accelerate's `init_empty_weights`: no
+weight memory); `CheckpointWeights(folder)` then loads the tensors of one module at a time from the
+checkpoint's files (one file or a sharded index) and puts them back on the meta device afterwards.
+Buffers the model computes itself (rotary frequencies) stay real throughout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from safetensors import safe_open
+from torch import nn
+
+from ..errors import ConfigurationError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+def empty_model(folder: str | os.PathLike[str], trust_remote_code: bool = False,
+                dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The checkpoint's causal LM with every weight on the meta device (its config read, nothing loaded)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+    model.eval()
+    return model
+
+
+class CheckpointWeights:
+    """Where each tensor of a safetensors checkpoint lies, and loading them module by module."""
+
+    def __init__(self, folder: str | os.PathLike[str]):
+        self.folder = Path(folder)
+        index, single = self.folder / INDEX, self.folder / SINGLE
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: self.folder / file for name, file in weight_map.items()}
+        elif single.is_file():
+            with safe_open(single, framework="pt") as handle:
+                self.files = {name: single for name in handle.keys()}
+        else:
+            raise ConfigurationError(
+                f"{self.folder} holds no safetensors weights ({SINGLE} or {INDEX}): offloading streams layers from "
+                "safetensors files. Save the model with model.save_pretrained(folder) (safetensors is the default).")
+
+    def load(self, model: nn.Module, prefix: str) -> None:
+        """Load every parameter and persistent buffer of the module at `prefix` ('' for all) from the files."""
+        module = model.get_submodule(prefix) if prefix else model
+        names = [n for n, _ in module.named_parameters()] + [n for n, _ in _persistent_buffers(module)]
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            full = f"{prefix}.{name}" if prefix else name
+            if full in self.files:
+                by_file.setdefault(self.files[full], []).append(full)
+        absent = [n for n in names if (f"{prefix}.{n}" if prefix else n) not in self.files]
+        if absent:
+            raise ConfigurationError(f"The checkpoint in {self.folder} holds no {prefix}.{absent[0]}; it is "
+                                     "incomplete or for another model.")
+        for file, full_names in by_file.items():
+            with safe_open(file, framework="pt") as handle:
+                for full in full_names:
+                    set_module_tensor_to_device(model, full, "cpu", value=handle.get_tensor(full))
+
+    def load_outside(self, model: nn.Module, layer_paths: Sequence[str]) -> list[str]:
+        """Load every tensor outside the decoder layers (embeddings, final norm, head); returns their names.
+
+        Weights the checkpoint leaves out because the config ties them (the head to the embeddings)
+        are tied again once loaded.
+        """
+        inside = tuple(f"{path}." for path in layer_paths)
+        names = [n for n, _ in model.named_parameters()] + [n for n, _ in _persistent_buffers(model)]
+        outside = [n for n in names if not n.startswith(inside)]
+        by_file: dict[Path, list[str]] = {}
+        for name in outside:
+            if name in self.files:
+                by_file.setdefault(self.files[name], []).append(name)
+        for file, file_names in by_file.items():
+            with safe_open(file, framework="pt") as handle:
+                for name in file_names:
+                    set_module_tensor_to_device(model, name, "cpu", value=handle.get_tensor(name))
+        if getattr(model.config, "tie_word_embeddings", False):
+            model.tie_weights()
+        missing = [n for n, p in model.named_parameters() if n in outside and p.is_meta]
+        if missing:
+            raise ConfigurationError(f"The checkpoint in {self.folder} holds no {missing[0]} (nor {len(missing) - 1} "
+                                     "other weights outside the decoder layers); it is incomplete or for another model.")
+        return outside
+
+    @staticmethod
+    def release_outside(model: nn.Module, names: Sequence[str]) -> None:
+        """Back to the meta device: the tensors `load_outside` loaded."""
+        for name in names:
+            set_module_tensor_to_device(model, name, "meta")
+        if getattr(model.config, "tie_word_embeddings", False):
+            model.tie_weights()  # the head shares the embedding again, on the meta device
+
+    @staticmethod
+    def release(module: nn.Module) -> None:
+        """Back to the meta device: the module's weights leave memory."""
+        module.to("meta")
+
+    @contextmanager
+    def resident(self, model: nn.Module, prefix: str) -> Iterator[nn.Module]:
+        """The module at `prefix` with its weights loaded for the duration of the block."""
+        self.load(model, prefix)
+        module = model.get_submodule(prefix)
+        try:
+            yield module
+        finally:
+            self.release(module)
+
+
+def _persistent_buffers(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, buffer in module.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        if leaf not in (module.get_submodule(owner) if owner else module)._non_persistent_buffers_set:
+            yield name, buffer

@@ -1,0 +1,220 @@
+"""Scoring a model larger than memory: one decoder layer resident at a time.
+
+The calibration batches enter the first layer as the model itself computes them (embeddings,
+positions, masks: `units.layerwise.layer_inputs`). Forward sweep: each layer in turn is loaded
+from the checkpoint, runs every pass with the activation hooks of the in-memory calibration, and
+goes back to the meta device, its outputs carried to the next layer. The head (final norm, output
+projection, loss) runs through the model's own forward with its layers stood in for (`_Carry`),
+which gives the loss and, for gradient terms, the gradient at the last layer's output. Backward
+sweep (gradient terms only): from the last layer down, each layer is loaded again, rerun on its
+saved inputs and backpropagated from the gradient at its output, with the gradient hooks of the
+in-memory calibration, handing the gradient at its input to the layer below. Every layer is scored
+by every estimator, on one-layer views of the unit table and the statistics, while it is resident.
+
+The statistics are folded pass by pass in the in-memory order and each layer computes what it
+computes inside the model, so the scores equal the in-memory ones (bit for bit on the CPU).
+Resident: the embeddings and head, one layer, the calibration hidden states (for gradient terms,
+those entering every layer). Refused, with the alternative: estimators that run the whole model
+themselves (learned), a fusion that trains through the model (adaptive), stages that run the model
+after apply (reconstruction).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import CalibrationError, ConfigurationError
+from ..estimators.base import Estimator, Scores
+from ..fusion.base import FusionPolicy
+from ..scoring.calibration import (CalibrationStats, PassRecord, activation_hooks, fold_statistics, gradient_hooks,
+                                   start_gradient_totals)
+from ..stages.base import Stage
+from ..units.layerwise import LayerArguments, forward_layer, layer_inputs, returns_tuple
+from ..units.model_state import preserved
+from ..units.table import UnitTable
+from .checkpoint import CheckpointWeights
+
+#: What a streamed pass can give an estimator.
+STREAMED_NEEDS = frozenset({"weights", "activations", "gradients", "per_sample_gradients"})
+WORKING = ("fusion='fixed' and reconstruct=False (estimators taylor, activation, fluctuation or magnitude; "
+           "on the command line --fusion fixed --no-reconstruct)")
+
+EstimatorRun = Callable[[Estimator, UnitTable, CalibrationStats], Scores]
+
+
+def check_streamable(estimators: Sequence[Estimator], fusion: FusionPolicy, stages: Sequence[Stage]) -> None:
+    """Refuse, before any work, what cannot run one layer at a time, naming a configuration that can."""
+    whole = [e.name for e in estimators if not e.needs <= STREAMED_NEEDS]
+    if whole:
+        raise ConfigurationError(
+            f"With offload, estimator(s) {whole} cannot score: they run the whole model themselves, and offload "
+            f"holds one layer at a time. Use {WORKING}.")
+    if fusion.uses_model:
+        raise ConfigurationError(
+            f"With offload, the {fusion.name!r} fusion cannot run: it trains through the whole model. Use {WORKING}.")
+    if stages:
+        raise ConfigurationError(
+            f"With offload, the stage(s) {[s.name for s in stages]} cannot run: they need the whole pruned model in "
+            f"memory. Use {WORKING}.")
+
+
+def streamed_scores(model: nn.Module, table: UnitTable, weights: CheckpointWeights, batches: list[torch.Tensor],
+                    estimators: Sequence[Estimator], run_estimator: EstimatorRun,
+                    progress: bool = True) -> tuple[CalibrationStats, dict[str, Scores]]:
+    """The calibration statistics and every estimator's scores, one decoder layer resident at a time."""
+    layers = table.spec.decoder_layers(model)
+    terms = list({t.name: t for e in estimators for t in e.gradient_terms()}.values())
+    activations = any("activations" in e.needs for e in estimators)
+    # The passes of the in-memory calibration, in its order: batches, or their rows for per-sample terms.
+    passes = [row for b in batches for row in b.split(1)] if any(t.per_sample for t in terms) else list(batches)
+    stats = CalibrationStats(samples=sum(b.shape[0] for b in batches), tokens=sum(b.numel() for b in batches))
+    if terms:
+        start_gradient_totals(stats, table, terms)
+    per_layer: dict[int, dict[str, Scores]] = {}
+
+    def score(index: int) -> None:
+        # A one-layer view of the table and of the statistics (per-layer lists cut to this layer).
+        view = dataclasses.replace(stats, gradient_terms={
+            term: {level: [totals[index]] for level, totals in by_level.items()}
+            for term, by_level in stats.gradient_terms.items()})
+        per_layer[index] = {e.name: run_estimator(e, table.subset([index]), view) for e in estimators}
+
+    with preserved(model):
+        if not (activations or terms):  # weights only: nothing to run
+            for layer_units in tqdm(list(table), desc="scoring", unit="layer", disable=not progress):
+                with weights.resident(model, layer_units.path):
+                    score(layer_units.index)
+        else:
+            outside = weights.load_outside(model, [layer.path for layer in table])
+            try:
+                with torch.no_grad():
+                    hidden, arguments = layer_inputs(model, layers[0], passes)
+                    inputs = []  # per layer, its inputs (kept for the backward sweep only)
+                    for layer_units, layer in tqdm(list(zip(table, layers)), desc="streamed calibration",
+                                                   unit="layer", disable=not progress):
+                        with weights.resident(model, layer_units.path):
+                            if layer_units.index == 0:
+                                as_tuple = returns_tuple(layer, hidden[0], arguments[0])
+                            if terms:
+                                inputs.append(hidden)
+                            hidden = _forward_sweep(model, table.subset([layer_units.index]), layer, hidden,
+                                                    arguments, stats, activations)
+                            if not terms:
+                                score(layer_units.index)
+                with torch.enable_grad():
+                    losses, gradients = _head(model, layers, passes, hidden, as_tuple, backward=bool(terms))
+            finally:
+                weights.release_outside(model, outside)
+            if terms:
+                with torch.enable_grad():
+                    for layer_units, layer in tqdm(list(zip(table, layers))[::-1], desc="streamed gradients",
+                                                   unit="layer", disable=not progress):
+                        with weights.resident(model, layer_units.path):
+                            gradients = _backward_sweep(model, table.subset([layer_units.index]), layer,
+                                                        inputs.pop(), arguments, gradients, terms, stats,
+                                                        first=layer_units.index == 0)
+                            score(layer_units.index)
+            stats.passes = len(passes)
+            stats.mean_loss = sum(losses) / len(losses)
+            if any(loss != loss for loss in losses):
+                raise CalibrationError("The calibration loss is NaN: check the model's dtype (use float32 for "
+                                       "calibration) and the token ids.")
+    return stats, {e.name: _stitched([per_layer[i][e.name] for i in sorted(per_layer)]) for e in estimators}
+
+
+def _forward_sweep(model: nn.Module, view: UnitTable, layer: nn.Module, hidden: list[torch.Tensor],
+                   arguments: list[LayerArguments], stats: CalibrationStats, activations: bool) -> list[torch.Tensor]:
+    """Every pass through `layer`, its inputs' statistics folded pass by pass (the in-memory order)."""
+    current = PassRecord()
+    hooks = activation_hooks(model, view, stats, lambda: current) if activations else []
+    outputs = []
+    try:
+        for h, a in zip(hidden, arguments):
+            current = PassRecord()
+            outputs.append(forward_layer(layer, h, a))
+            fold_statistics(stats, current)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return outputs
+
+
+def _backward_sweep(model: nn.Module, view: UnitTable, layer: nn.Module, inputs: list[torch.Tensor],
+                    arguments: list[LayerArguments], gradients: list[torch.Tensor], terms: list,
+                    stats: CalibrationStats, first: bool) -> list[torch.Tensor]:
+    """Backpropagate each pass through `layer` from the gradient at its output; fold the gradient terms
+    pass by pass; return the gradients at its input (none below the first layer)."""
+    current = PassRecord()
+    hooks = gradient_hooks(model, view, terms, lambda: current)
+    below = []
+    try:
+        for h, a, grad in zip(inputs, arguments, gradients):
+            current = PassRecord()
+            x = h.detach().requires_grad_(not first)
+            forward_layer(layer, x, a).backward(grad)
+            below.append(None if first else x.grad)
+            fold_statistics(stats, current)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return below
+
+
+class _Carry(nn.Module):
+    """Stands in for a decoder layer in the head pass: the first hands on the last layer's output,
+    the others pass their input through, as the real layers return it (a tensor, or a tuple)."""
+
+    def __init__(self, as_tuple: bool):
+        super().__init__()
+        self.as_tuple = as_tuple
+        self.value: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        out = self.value if self.value is not None else hidden_states
+        return (out,) if self.as_tuple else out
+
+
+def _head(model: nn.Module, layers: Sequence[nn.Module], passes: list[torch.Tensor], hidden: list[torch.Tensor],
+          as_tuple: bool, backward: bool) -> tuple[list[float], list[torch.Tensor]]:
+    """The loss of every pass from the last layer's outputs, through the model's own head; with
+    `backward`, the gradient of each loss at those outputs (and at nothing else)."""
+    losses, gradients = [], []
+    for param in model.parameters():
+        param.requires_grad_(False)
+    with _stood_in(layers, as_tuple) as first:
+        for ids, h in zip(passes, hidden):
+            first.value = h.detach().requires_grad_(backward)
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            if backward:
+                loss.backward()
+                gradients.append(first.value.grad)
+            losses.append(float(loss.detach()))
+    return losses, gradients
+
+
+@contextmanager
+def _stood_in(layers: Sequence[nn.Module], as_tuple: bool) -> Iterator[_Carry]:
+    if not isinstance(layers, nn.ModuleList):
+        raise ConfigurationError(f"Offload needs the decoder layers in an nn.ModuleList, not a "
+                                 f"{type(layers).__name__}; prune this model in memory.")
+    originals = list(layers)
+    stand_ins = [_Carry(as_tuple) for _ in originals]
+    for i, stand_in in enumerate(stand_ins):
+        layers[i] = stand_in
+    try:
+        yield stand_ins[0]
+    finally:
+        for i, original in enumerate(originals):
+            layers[i] = original
+
+
+def _stitched(layers: list[Scores]) -> Scores:
+    """One estimator's one-layer scores, layer after layer, as scores of the whole table."""
+    return {granularity: {level: [layer[granularity][level][0] for layer in layers] for level in by_level}
+            for granularity, by_level in layers[0].items()}

@@ -1,0 +1,169 @@
+"""Offload: a model pruned one decoder layer at a time from its safetensors files equals the in-memory prune.
+
+Same plan (units and scores, bit for bit), same logits after reload, for every family; never more
+than one decoder layer's weights in memory; what cannot stream is refused with the alternative.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from adaprune import Pruner
+from adaprune.errors import ConfigurationError
+from adaprune.streaming import CheckpointWeights, empty_model
+from adaprune.tools.cli import main as cli_main
+
+from families import FAMILIES, Shape, build
+from test_cli_eval_report import word_tokenizer
+
+SHAPE = Shape(layers=3, kv_heads=2, heads_per_group=2, head_dim=8, width=48)
+# The default estimators; the fusion and reconstruction that cannot stream switched off.
+STREAMABLE = dict(estimators=("taylor", "activation"), fusion="fixed", reconstruct=False, progress=False)
+
+
+def _batches(seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, SHAPE.vocab, (2, 16), generator=g) for _ in range(3)]
+
+
+def _checkpoint(family, tmp_path):
+    model = build(family, SHAPE)
+    model.save_pretrained(tmp_path / "dense", max_shard_size="20KB")  # several shards: the index is read
+    return model, tmp_path / "dense"
+
+
+def _logits(folder, ids):
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+@pytest.mark.parametrize("allocation,units", [("global", ("kv_groups", "channels")),
+                                              ("uniform", ("kv_groups", "channels"))])
+def test_streamed_prune_equals_in_memory(family, allocation, units, tmp_path):
+    model, dense = _checkpoint(family, tmp_path)
+    options = dict(STREAMABLE, ratio=0.3, allocation=allocation, units=units)
+    in_memory = Pruner(model, **options)
+    expected = in_memory.plan(_batches())
+    in_memory.save(expected, tmp_path / "in-memory")
+
+    meta = empty_model(dense, trust_remote_code=family.trust_remote_code)
+    assert all(p.is_meta for p in meta.parameters())
+    streamed = Pruner(meta, offload=dense, **options)
+    plan = streamed.plan(_batches())
+    assert plan.layers == expected.layers
+    assert plan.scores == expected.scores and plan.block_scores == expected.block_scores
+    assert plan.params == expected.params
+    streamed.save(plan, tmp_path / "streamed")
+    index = json.loads((tmp_path / "streamed" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == SHAPE.layers + 1  # one shard per layer, one for the rest
+    ids = _batches(seed=7)[0]
+    assert torch.equal(_logits(tmp_path / "streamed", ids), _logits(tmp_path / "in-memory", ids))
+    assert streamed.report(plan)["params_after"] == in_memory.report(expected)["params_after"]
+
+
+@pytest.mark.parametrize("estimators", [("magnitude",), ({"name": "taylor", "order": 2, "reduction": "max"},
+                                                         "fluctuation")], ids=["weights-only", "fisher-rows"])
+def test_streamed_scores_equal_in_memory_for_every_estimator_kind(estimators, tmp_path):
+    family = next(f for f in FAMILIES if f.name == "llama")
+    model, dense = _checkpoint(family, tmp_path)
+    options = dict(STREAMABLE, estimators=estimators)
+    expected = Pruner(model, **options).score(_batches())
+    streamed = Pruner(empty_model(dense), offload=dense, **options)
+    scores = streamed.score(_batches())
+    for name, by_granularity in expected.scores.items():
+        for granularity, by_level in by_granularity.items():
+            for level, per_layer in by_level.items():
+                for a, b in zip(per_layer, scores.scores[name][granularity][level], strict=True):
+                    assert torch.equal(a, b), (name, granularity, level)
+
+
+def test_streamed_blocks_and_compensation_equal_in_memory(tmp_path):
+    """Whole blocks removed (global allocation) and FLAP's bias compensation, on a Llama with biases."""
+    family = next(f for f in FAMILIES if f.name == "llama-untied-biased")
+    model, dense = _checkpoint(family, tmp_path)
+    options = dict(STREAMABLE, estimators=({"name": "fluctuation", "compensate": True}, "magnitude"), ratio=0.5,
+                   allocation="global", units=("channels", "blocks"))
+    in_memory = Pruner(model, **options)
+    expected = in_memory.plan(_batches())
+    assert expected.compensation and any(p.removed_blocks() for p in expected.layers)
+    in_memory.save(expected, tmp_path / "in-memory")
+    streamed = Pruner(empty_model(dense), offload=dense, **options)
+    plan = streamed.plan(_batches())
+    assert plan.layers == expected.layers and plan.compensation == expected.compensation
+    streamed.save(plan, tmp_path / "streamed")
+    ids = _batches(seed=7)[0]
+    assert torch.equal(_logits(tmp_path / "streamed", ids), _logits(tmp_path / "in-memory", ids))
+
+
+def test_one_decoder_layer_resident_at_a_time(tmp_path, monkeypatch):
+    family = next(f for f in FAMILIES if f.name == "llama")
+    _, dense = _checkpoint(family, tmp_path)
+    meta = empty_model(dense)
+    layers = meta.model.layers
+    most = []
+    original = CheckpointWeights.load
+
+    def counting(self, model, prefix):
+        original(self, model, prefix)
+        most.append(sum(any(not p.is_meta for p in layer.parameters()) for layer in layers))
+
+    monkeypatch.setattr(CheckpointWeights, "load", counting)
+    pruner = Pruner(meta, offload=dense, ratio=0.3, allocation="global", **STREAMABLE)
+    plan = pruner.plan(_batches())
+    pruner.save(plan, tmp_path / "out")
+    # Each layer is loaded three times: forward sweep, backward sweep (Taylor), slicing.
+    assert len(most) == 3 * SHAPE.layers and max(most) == 1
+    assert all(p.is_meta for p in meta.parameters())  # nothing left resident afterwards
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(estimators=("learned",), fusion="fixed", reconstruct=False), r"estimator\(s\) \['learned'\].*run the whole model"),
+    (dict(fusion="adaptive"), r"'adaptive' fusion.*trains through the whole model.*fusion='fixed'"),
+    (dict(fusion="fixed"), r"stage\(s\) \['reconstruct'\].*reconstruct=False"),
+])
+def test_what_cannot_stream_is_refused(options, message, tmp_path):
+    family = next(f for f in FAMILIES if f.name == "llama")
+    _, dense = _checkpoint(family, tmp_path)
+    with pytest.raises(ConfigurationError, match=message):
+        Pruner(empty_model(dense), offload=dense, progress=False, **options)
+
+
+def test_offload_refusals(tmp_path):
+    family = next(f for f in FAMILIES if f.name == "llama")
+    model, dense = _checkpoint(family, tmp_path)
+    with pytest.raises(ConfigurationError, match="meta device.*offload="):
+        Pruner(empty_model(dense), **STREAMABLE)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigurationError, match="no safetensors weights.*save_pretrained"):
+        Pruner(empty_model(dense), offload=tmp_path / "empty", **STREAMABLE)
+    pruner = Pruner(empty_model(dense), offload=dense, **STREAMABLE)
+    plan = pruner.plan(_batches())
+    with pytest.raises(ConfigurationError, match=r"pruner.save\(plan, out\)"):
+        pruner.apply(plan)
+    first = sorted(dense.glob("*.safetensors"))[-1]
+    first.unlink()  # a shard gone: refused with the file's name, nothing written
+    with pytest.raises(Exception, match="safetensors|No such file"):
+        pruner.save(plan, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_offload_equals_in_memory(tmp_path, capsys):
+    family = next(f for f in FAMILIES if f.name == "llama")
+    _, dense = _checkpoint(family, tmp_path)
+    word_tokenizer().save_pretrained(dense)
+    text = tmp_path / "calib.txt"
+    text.write_text("\n\n".join(["the cat sat on a mat . the dog ran home"] * 30))
+    common = [str(dense), "--calib", str(text), "--samples", "4", "--seq-len", "16", "--estimators", "activation",
+              "--fusion", "fixed", "--no-reconstruct", "--ratio", "0.3"]
+    assert cli_main(["prune", *common, "--out", str(tmp_path / "mem")]) == 0
+    assert cli_main(["prune", *common, "--offload", "--out", str(tmp_path / "streamed")]) == 0
+    ids = _batches(seed=3)[0]
+    assert torch.equal(_logits(tmp_path / "streamed", ids), _logits(tmp_path / "mem", ids))
+    assert json.loads((tmp_path / "streamed" / "adaprune_plan.json").read_text())["layers"] == \
+        json.loads((tmp_path / "mem" / "adaprune_plan.json").read_text())["layers"]
