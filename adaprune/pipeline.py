@@ -103,9 +103,9 @@ class Pruner:
         stages: further stages after apply (see ``adaprune.stages``), run after reconstruction.
         offload: a safetensors checkpoint folder holding `model`'s weights, for a model larger than
             memory: `model` may then be on the meta device (``adaprune.streaming.empty_model``), the
-            scoring loads one decoder layer at a time from the folder, and `save()` slices and writes
-            one layer at a time (``adaprune.streaming``). Forward-only estimators, a fusion that does not
-            run the model, no reconstruction.
+            scoring loads one decoder layer at a time from the folder, and `save()` reconstructs, slices
+            and writes one layer at a time (``adaprune.streaming``). Every built-in estimator but
+            ``learned``; a fusion that does not train through the model (not ``adaptive``).
         progress: show progress bars.
     """
 
@@ -362,8 +362,13 @@ class Pruner:
         with atomic_directory(out, overwrite=overwrite) as folder:
             if self.weights is not None:
                 table = UnitTable(self.model, self.spec)
+                reconstruct = next((s for s in self.stages if isinstance(s, ReconstructStage)), None)
+                batches = self._planned[1] if self._planned is not None and self._planned[0] is plan else []
                 with self._timed("slice"):
-                    write_streamed(self.model, table, plan, self.weights, folder, self.progress)
+                    report = write_streamed(self.model, table, plan, self.weights, folder, reconstruct, batches,
+                                            self.progress)
+                if report is not None:
+                    plan.stages[reconstruct.name] = report
             else:
                 self.apply(plan, mode="slice")
                 self.model.save_pretrained(folder)

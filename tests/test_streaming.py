@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from adaprune import Pruner
+from adaprune import Pruner, Stage
 from adaprune.errors import ConfigurationError
 from adaprune.streaming import CheckpointWeights, empty_model
 from adaprune.tools.cli import main as cli_main
@@ -21,8 +21,9 @@ from families import FAMILIES, Shape, build
 from test_cli_eval_report import word_tokenizer
 
 SHAPE = Shape(layers=3, kv_heads=2, heads_per_group=2, head_dim=8, width=48)
-# The default estimators; the fusion and reconstruction that cannot stream switched off.
-STREAMABLE = dict(estimators=("taylor", "activation"), fusion="fixed", reconstruct=False, progress=False)
+# The defaults (Taylor and activation, global allocation, reconstruction) but for the fusion: the
+# adaptive one trains through the whole model.
+STREAMABLE = dict(fusion="fixed", progress=False)
 
 
 def _batches(seed: int = 1) -> list[torch.Tensor]:
@@ -60,6 +61,7 @@ def test_streamed_prune_equals_in_memory(family, allocation, units, tmp_path):
     assert plan.scores == expected.scores and plan.block_scores == expected.block_scores
     assert plan.params == expected.params
     streamed.save(plan, tmp_path / "streamed")
+    assert plan.stages["reconstruct"]["layers"] == expected.stages["reconstruct"]["layers"]  # the same refits
     index = json.loads((tmp_path / "streamed" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) == SHAPE.layers + 1  # one shard per layer, one for the rest
     ids = _batches(seed=7)[0]
@@ -114,18 +116,26 @@ def test_one_decoder_layer_resident_at_a_time(tmp_path, monkeypatch):
         most.append(sum(any(not p.is_meta for p in layer.parameters()) for layer in layers))
 
     monkeypatch.setattr(CheckpointWeights, "load", counting)
-    pruner = Pruner(meta, offload=dense, ratio=0.3, allocation="global", **STREAMABLE)
+    pruner = Pruner(meta, offload=dense, ratio=0.3, **STREAMABLE)
     plan = pruner.plan(_batches())
     pruner.save(plan, tmp_path / "out")
-    # Each layer is loaded three times: forward sweep, backward sweep (Taylor), slicing.
+    # Each layer is loaded three times: forward sweep, backward sweep (Taylor), reconstruction and slicing.
     assert len(most) == 3 * SHAPE.layers and max(most) == 1
     assert all(p.is_meta for p in meta.parameters())  # nothing left resident afterwards
 
 
+class _WholeModelStage(Stage):
+    name = "whole"
+
+    def run(self, model, plan, context):
+        return {}
+
+
 @pytest.mark.parametrize("options,message", [
-    (dict(estimators=("learned",), fusion="fixed", reconstruct=False), r"estimator\(s\) \['learned'\].*run the whole model"),
+    (dict(estimators=("learned",), fusion="fixed"), r"estimator\(s\) \['learned'\].*run the whole model"),
     (dict(fusion="adaptive"), r"'adaptive' fusion.*trains through the whole model.*fusion='fixed'"),
-    (dict(fusion="fixed"), r"stage\(s\) \['reconstruct'\].*reconstruct=False"),
+    (dict(fusion="fixed", reconstruct={"add_bias": True}), r"cannot add biases.*drop add_bias"),
+    (dict(fusion="fixed", stages=[_WholeModelStage()]), r"stage\(s\) \['whole'\].*Save the pruned checkpoint first"),
 ])
 def test_what_cannot_stream_is_refused(options, message, tmp_path):
     family = next(f for f in FAMILIES if f.name == "llama")
@@ -159,8 +169,8 @@ def test_cli_offload_equals_in_memory(tmp_path, capsys):
     word_tokenizer().save_pretrained(dense)
     text = tmp_path / "calib.txt"
     text.write_text("\n\n".join(["the cat sat on a mat . the dog ran home"] * 30))
-    common = [str(dense), "--calib", str(text), "--samples", "4", "--seq-len", "16", "--estimators", "activation",
-              "--fusion", "fixed", "--no-reconstruct", "--ratio", "0.3"]
+    common = [str(dense), "--calib", str(text), "--samples", "4", "--seq-len", "16", "--fusion", "fixed",
+              "--ratio", "0.3"]
     assert cli_main(["prune", *common, "--out", str(tmp_path / "mem")]) == 0
     assert cli_main(["prune", *common, "--offload", "--out", str(tmp_path / "streamed")]) == 0
     ids = _batches(seed=3)[0]

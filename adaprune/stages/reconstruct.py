@@ -57,6 +57,16 @@ class _Projection:
     kept: torch.Tensor  # kept input columns
 
 
+@dataclass
+class LayerwiseState:
+    """The calibration hidden states entering the next layer: on the pruned path, on the dense path
+    (target "dense" only), and the arguments the model passes to its layers."""
+
+    hidden: list[torch.Tensor]
+    dense_hidden: list[torch.Tensor] | None
+    arguments: list
+
+
 class ReconstructStage(Stage):
     """Closed-form ridge refit of the projections that read removed units (see the module docstring).
 
@@ -89,39 +99,52 @@ class ReconstructStage(Stage):
                 "add_bias": self.add_bias}
 
     def run(self, model: nn.Module, plan: Plan, context: StageContext) -> dict[str, Any]:
-        rows = [row for batch in context.batches for row in batch.split(1)][: self.samples]
-        if not rows:
+        batches = self.batches(context.batches, next(model.parameters()).device)
+        if not batches:
             return {**self.options, "skipped": "no calibration batches: pass calibration to plan() or apply()"}
-        units, spec = context.units, context.units.spec
-        by_layer = _projections_by_layer(plan, units, model)
-        layers = spec.decoder_layers(model)
-        device = next(model.parameters()).device
-        # Rows of one length go together (calibration rows differ in length once padding is removed).
+        units, layers = context.units, context.units.spec.decoder_layers(model)
+        by_layer = projections_by_layer(plan, units, model)
+        report = self.new_report(batches)
+        report["parameters_added"] = self._add_biases(model, plan, units, by_layer, context.mask)
+        with frozen(model), torch.no_grad():
+            state = self.start(model, layers[0], batches)
+            for layer_units, layer in tqdm(list(zip(units, layers)), desc="reconstruction", unit="layer",
+                                           disable=not context.progress):
+                self.refit_layer(layer, layer_units, units.spec, by_layer.get(layer_units.index, []), state,
+                                 context.mask, report)
+        return report
+
+    # ---- the steps, also driven one resident layer at a time by adaprune.streaming -----------------
+    def batches(self, calibration: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        """At most `samples` calibration rows, rows of one length together (they differ once padding is removed)."""
+        rows = [row for batch in calibration for row in batch.split(1)][: self.samples]
         by_length: dict[int, list[torch.Tensor]] = {}
         for row in rows:
             by_length.setdefault(row.shape[1], []).append(row)
-        batches = [torch.cat(group[i:i + 8]).to(device) for group in by_length.values() for i in range(0, len(group), 8)]
-        report: dict[str, Any] = {**self.options, "rows": len(rows), "tokens": sum(b.numel() for b in batches),
-                                  "layers": [], "warnings": [],
-                                  "parameters_added": self._add_biases(model, plan, units, by_layer, context.mask)}
-        with frozen(model), torch.no_grad():
-            hidden, kwargs = layer_inputs(model, layers[0], batches)
-            dense_hidden = [h.clone() for h in hidden] if self.target == "dense" else None
-            for layer_units, layer in tqdm(list(zip(units, layers)), desc="reconstruction", unit="layer",
-                                           disable=not context.progress):
-                projections = by_layer.get(layer_units.index, [])
-                dense_layer = _dense_copy(layer, context.mask) if projections \
-                    or dense_hidden is not None else None
-                fitted = []
-                for block, group in _in_order(projections, layer_units, spec):
-                    fitted += self._refit(layer, dense_layer, block, group, hidden, dense_hidden, kwargs,
-                                          context.mask, report["warnings"], layer_units.index)
-                if fitted:
-                    report["layers"].append({"layer": layer_units.index, "projections": fitted})
-                if dense_hidden is not None:
-                    dense_hidden = [forward_layer(dense_layer, h, k) for h, k in zip(dense_hidden, kwargs)]
-                hidden = [forward_layer(layer, h, k) for h, k in zip(hidden, kwargs)]
-        return report
+        return [torch.cat(group[i:i + 8]).to(device) for group in by_length.values() for i in range(0, len(group), 8)]
+
+    def new_report(self, batches: list[torch.Tensor]) -> dict[str, Any]:
+        return {**self.options, "rows": sum(b.shape[0] for b in batches), "tokens": sum(b.numel() for b in batches),
+                "layers": [], "warnings": [], "parameters_added": 0}
+
+    def start(self, model: nn.Module, first_layer: nn.Module, batches: list[torch.Tensor]) -> LayerwiseState:
+        """The hidden states entering the first decoder layer (both paths) and the layers' arguments."""
+        hidden, arguments = layer_inputs(model, first_layer, batches)
+        return LayerwiseState(hidden, [h.clone() for h in hidden] if self.target == "dense" else None, arguments)
+
+    def refit_layer(self, layer: nn.Module, layer_units: LayerUnits, spec, projections: list[_Projection],
+                    state: LayerwiseState, mask: MaskHandle, report: dict[str, Any]) -> None:
+        """Refit one masked decoder layer's `projections` on `state`, then carry `state` past the layer."""
+        dense_layer = _dense_copy(layer, mask) if projections or state.dense_hidden is not None else None
+        fitted = []
+        for block, group in _in_order(projections, layer_units, spec):
+            fitted += self._refit(layer, dense_layer, block, group, state.hidden, state.dense_hidden,
+                                  state.arguments, mask, report["warnings"], layer_units.index)
+        if fitted:
+            report["layers"].append({"layer": layer_units.index, "projections": fitted})
+        if state.dense_hidden is not None:
+            state.dense_hidden = [forward_layer(dense_layer, h, k) for h, k in zip(state.dense_hidden, state.arguments)]
+        state.hidden = [forward_layer(layer, h, k) for h, k in zip(state.hidden, state.arguments)]
 
     def _add_biases(self, model: nn.Module, plan: Plan, units, by_layer: dict[int, list[_Projection]],
                     mask: MaskHandle) -> int:
@@ -244,7 +267,7 @@ class _Moments:
             self.dense_sum += z.sum(0)
 
 
-def _projections_by_layer(plan: Plan, units, model: nn.Module) -> dict[int, list[_Projection]]:
+def projections_by_layer(plan: Plan, units, model: nn.Module) -> dict[int, list[_Projection]]:
     """The "in" projections the plan shrinks, per layer (blocks removed whole have none)."""
     by_path = {layer.path: layer.index for layer in units}
     result: dict[int, list[_Projection]] = {}

@@ -15,8 +15,8 @@ The statistics are folded pass by pass in the in-memory order and each layer com
 computes inside the model, so the scores equal the in-memory ones (bit for bit on the CPU).
 Resident: the embeddings and head, one layer, the calibration hidden states (for gradient terms,
 those entering every layer). Refused, with the alternative: estimators that run the whole model
-themselves (learned), a fusion that trains through the model (adaptive), stages that run the model
-after apply (reconstruction).
+themselves (learned), a fusion that trains through the model (adaptive), stages other than the
+reconstruction (which `adaprune.streaming.writer` runs layer by layer).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from ..fusion.base import FusionPolicy
 from ..scoring.calibration import (CalibrationStats, PassRecord, activation_hooks, fold_statistics, gradient_hooks,
                                    start_gradient_totals)
 from ..stages.base import Stage
+from ..stages.reconstruct import ReconstructStage
 from ..units.layerwise import LayerArguments, forward_layer, layer_inputs, returns_tuple
 from ..units.model_state import preserved
 from ..units.table import UnitTable
@@ -42,8 +43,8 @@ from .checkpoint import CheckpointWeights
 
 #: What a streamed pass can give an estimator.
 STREAMED_NEEDS = frozenset({"weights", "activations", "gradients", "per_sample_gradients"})
-WORKING = ("fusion='fixed' and reconstruct=False (estimators taylor, activation, fluctuation or magnitude; "
-           "on the command line --fusion fixed --no-reconstruct)")
+WORKING = ("fusion='fixed' (or coarse, fine; on the command line --fusion fixed), with any of the estimators "
+           "taylor, activation, fluctuation, magnitude")
 
 EstimatorRun = Callable[[Estimator, UnitTable, CalibrationStats], Scores]
 
@@ -58,10 +59,14 @@ def check_streamable(estimators: Sequence[Estimator], fusion: FusionPolicy, stag
     if fusion.uses_model:
         raise ConfigurationError(
             f"With offload, the {fusion.name!r} fusion cannot run: it trains through the whole model. Use {WORKING}.")
-    if stages:
+    whole_model = [s.name for s in stages if not isinstance(s, ReconstructStage)]
+    if whole_model:
         raise ConfigurationError(
-            f"With offload, the stage(s) {[s.name for s in stages]} cannot run: they need the whole pruned model in "
-            f"memory. Use {WORKING}.")
+            f"With offload, the stage(s) {whole_model} cannot run: they need the whole pruned model in memory. "
+            "Save the pruned checkpoint first, then run them on it (adaprune recover PRUNED ...).")
+    if any(isinstance(s, ReconstructStage) and s.add_bias for s in stages):
+        raise ConfigurationError("With offload, reconstruction cannot add biases (add_bias switches them on in "
+                                 "every layer at once); drop add_bias from the reconstruct options.")
 
 
 def streamed_scores(model: nn.Module, table: UnitTable, weights: CheckpointWeights, batches: list[torch.Tensor],
