@@ -146,10 +146,12 @@ class Pruner:
         if not isinstance(reconstruct, (bool, dict)):
             raise ConfigurationError(f"reconstruct must be True, False or a dict of its options, got {reconstruct!r}.")
         try:
-            first = [ReconstructStage(**(reconstruct if isinstance(reconstruct, dict) else {}))] if reconstruct else []
+            # A dict of options, even an empty one, asks for the stage.
+            first = [ReconstructStage(**reconstruct)] if isinstance(reconstruct, dict) else \
+                [ReconstructStage()] if reconstruct else []
         except TypeError as error:
             raise ConfigurationError(f"reconstruct options {reconstruct} are not understood ({error}); it takes "
-                                     "damping, samples, target and bias.") from None
+                                     "damping, samples, target, bias, add_bias and anchor.") from None
         self.stages = first + list(stages)
         self.progress = progress
         self.weights = CheckpointWeights(offload) if offload is not None else None

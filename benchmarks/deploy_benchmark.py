@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import statistics
 import subprocess
 import sys
@@ -89,8 +88,17 @@ def worker(args: argparse.Namespace) -> None:
             nll += float((logz - logits[np.arange(seq_len - 1), window[1:]]).sum())
         out["nll"] = nll / (task["windows"] * (seq_len - 1))
         out["perplexity"] = math.exp(out["nll"])
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = peak_rss_mb()
     Path(task["out"]).write_text(json.dumps(out))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM: reset by exec, unlike ru_maxrss, which a child
+    inherits from the large parent that forked it)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def run_worker(path: Path, kind: str, tokens: list[int], folder: Path, windows: int = 0) -> dict:

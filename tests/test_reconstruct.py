@@ -65,7 +65,7 @@ def test_dense_target_and_options_are_recorded():
     plan = pruner.plan(random_batches(97, count=2, batch=4, seq=16))
     pruner.apply(plan)
     assert plan.settings["stages"]["reconstruct"] == {"damping": 0.1, "samples": 6, "target": "dense", "bias": True,
-                                                      "add_bias": False}
+                                                      "add_bias": False, "anchor": "zero"}
     assert plan.stages["reconstruct"]["rows"] == 6
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
@@ -105,7 +105,8 @@ def test_without_calibration_it_is_skipped_and_says_so():
 
 
 @pytest.mark.parametrize("options, match", [({"damping": 0}, "damping"), ({"target": "x"}, "target"),
-                                            ({"samples": 0}, "samples"), ({"nope": 1}, "not understood")])
+                                            ({"samples": 0}, "samples"), ({"nope": 1}, "not understood"),
+                                            ({"anchor": "x"}, "anchor")])
 def test_bad_options_are_refused(options, match):
     with pytest.raises(ConfigurationError, match=match):
         Pruner(build(FAMILIES[0], SHAPE), reconstruct=options)
@@ -159,3 +160,31 @@ def test_switched_on_biases_go_again_on_restore():
     assert not model.config.attention_bias and model.model.layers[0].self_attn.q_proj.bias is None
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, dense, rtol=0, atol=0)
+
+
+def _refitted_weights(options) -> dict[str, torch.Tensor]:
+    model = build(family("llama"), SHAPE)
+    pruner = Pruner(model, ratio=0.3, estimators=["activation"], fusion="fine", reconstruct=options, progress=False)
+    pruner.apply(pruner.plan(random_batches(97, count=4, batch=4, seq=16)))
+    return {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(("o_proj.weight", "down_proj.weight"))}
+
+
+def test_the_dense_anchor_moves_from_the_full_refit_to_the_dense_weights():
+    """Anchored at the dense weights, a tiny damping refits as the plain ridge does, and a huge one
+    leaves the kept weights as they were (what slicing without reconstruction keeps)."""
+    plain = _refitted_weights({"damping": 1e-6})
+    light = _refitted_weights({"damping": 1e-6, "anchor": "dense"})
+    heavy = _refitted_weights({"damping": 1e6, "anchor": "dense"})
+    untouched = _refitted_weights(False)
+    for name in plain:
+        torch.testing.assert_close(light[name], plain[name], rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(heavy[name], untouched[name], rtol=1e-4, atol=1e-5)
+    assert any(not torch.allclose(plain[n], untouched[n], atol=1e-3) for n in plain)  # the refit did change some
+
+
+def test_empty_options_mean_the_defaults_not_off():
+    model = build(family("llama"), SHAPE)
+    pruner = Pruner(model, ratio=0.3, estimators=["activation"], fusion="fine", reconstruct={}, progress=False)
+    plan = pruner.plan(random_batches(97, count=4, batch=4, seq=16))
+    pruner.apply(plan)
+    assert plan.stages["reconstruct"]["layers"] and plan.stages["reconstruct"]["anchor"] == "zero"

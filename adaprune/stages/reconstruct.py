@@ -44,6 +44,7 @@ from ..vocabulary import BlockKind
 from .base import Stage, StageContext
 
 TARGETS = ("pruned", "dense")
+ANCHORS = ("zero", "dense")
 MAX_RETRIES = 6
 
 
@@ -76,13 +77,15 @@ class ReconstructStage(Stage):
     where the projection has one), `add_bias` (where a refitted projection has no bias but the family's
     config can switch them on for its block, as Llama's `attention_bias`/`mlp_bias` do: add zero
     biases to that block in every layer, so that the refit can fit them; the stock config then
-    describes the model, which has a few more parameters: recorded as `parameters_added`).
+    describes the model, which has a few more parameters: recorded as `parameters_added`), `anchor`
+    (what the ridge pulls the kept weights towards: ``"zero"``, the plain ridge, or ``"dense"``, the
+    dense weights, so that a large damping leaves them as they were and a small one refits fully).
     """
 
     name = "reconstruct"
 
     def __init__(self, damping: float = 0.01, samples: int = 64, target: str = "pruned", bias: bool = True,
-                 add_bias: bool = False):
+                 add_bias: bool = False, anchor: str = "zero"):
         if not isinstance(damping, (int, float)) or isinstance(damping, bool) or not damping > 0 \
                 or not math.isfinite(damping):
             raise ConfigurationError(f"reconstruct damping must be a positive number, got {damping!r}.")
@@ -92,11 +95,14 @@ class ReconstructStage(Stage):
             raise ConfigurationError(f"reconstruct target must be one of {TARGETS}, got {target!r}.")
         self.damping, self.samples, self.target, self.bias = float(damping), samples, target, bool(bias)
         self.add_bias = bool(add_bias) and self.bias
+        if anchor not in ANCHORS:
+            raise ConfigurationError(f"reconstruct anchor must be one of {ANCHORS}, got {anchor!r}.")
+        self.anchor = anchor
 
     @property
     def options(self) -> dict[str, Any]:
         return {"damping": self.damping, "samples": self.samples, "target": self.target, "bias": self.bias,
-                "add_bias": self.add_bias}
+                "add_bias": self.add_bias, "anchor": self.anchor}
 
     def run(self, model: nn.Module, plan: Plan, context: StageContext) -> dict[str, Any]:
         batches = self.batches(context.batches, next(model.parameters()).device)
@@ -222,9 +228,12 @@ class ReconstructStage(Stage):
         for _ in range(MAX_RETRIES):
             regularised = system.clone()
             regularised.diagonal()[: len(kept)] += damping * scale
+            anchored = rhs.clone()
+            if self.anchor == "dense":  # the ridge term pulls towards the dense weights, not towards zero
+                anchored[:, : len(kept)] += damping * scale * weight[:, kept]
             factor, info = torch.linalg.cholesky_ex(regularised)
             if int(info) == 0:
-                solution = torch.cholesky_solve(rhs.T, factor).T
+                solution = torch.cholesky_solve(anchored.T, factor).T
                 if bool(torch.isfinite(solution).all()):
                     break
             damping, raised = damping * 10, True

@@ -13,8 +13,9 @@ by every estimator, on one-layer views of the unit table and the statistics, whi
 
 The statistics are folded pass by pass in the in-memory order and each layer computes what it
 computes inside the model, so the scores equal the in-memory ones (bit for bit on the CPU).
-Resident: the embeddings and head, one layer, the calibration hidden states (for gradient terms,
-those entering every layer). Refused, with the alternative: estimators that run the whole model
+Resident: the embeddings and head, one layer, the calibration hidden states entering it (for
+gradient terms also the gradients at its output; the inputs of every layer wait in a temporary folder
+for the backward sweep). Refused, with the alternative: estimators that run the whole model
 themselves (learned), a fusion that trains through the model (adaptive), stages other than the
 reconstruction (which `adaprune.streaming.writer` runs layer by layer).
 """
@@ -22,8 +23,10 @@ reconstruction (which `adaprune.streaming.writer` runs layer by layer).
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -32,6 +35,7 @@ from tqdm.auto import tqdm
 from ..errors import CalibrationError, ConfigurationError
 from ..estimators.base import Estimator, Scores
 from ..fusion.base import FusionPolicy
+from ..scoring import distributed
 from ..scoring.calibration import (CalibrationStats, PassRecord, activation_hooks, fold_statistics, gradient_hooks,
                                    start_gradient_totals)
 from ..stages.base import Stage
@@ -73,6 +77,9 @@ def streamed_scores(model: nn.Module, table: UnitTable, weights: CheckpointWeigh
                     estimators: Sequence[Estimator], run_estimator: EstimatorRun,
                     progress: bool = True) -> tuple[CalibrationStats, dict[str, Scores]]:
     """The calibration statistics and every estimator's scores, one decoder layer resident at a time."""
+    if distributed.active():
+        raise ConfigurationError("Offload runs in one process: under torch.distributed every rank would stream the "
+                                 "whole model. Run it without torchrun, or drop offload.")
     layers = table.spec.decoder_layers(model)
     terms = list({t.name: t for e in estimators for t in e.gradient_terms()}.values())
     activations = any("activations" in e.needs for e in estimators)
@@ -100,14 +107,14 @@ def streamed_scores(model: nn.Module, table: UnitTable, weights: CheckpointWeigh
             try:
                 with torch.no_grad():
                     hidden, arguments = layer_inputs(model, layers[0], passes)
-                    inputs = []  # per layer, its inputs (kept for the backward sweep only)
+                    inputs = _Spill()  # per layer, its inputs, on disk until the backward sweep
                     for layer_units, layer in tqdm(list(zip(table, layers)), desc="streamed calibration",
                                                    unit="layer", disable=not progress):
                         with weights.resident(model, layer_units.path):
                             if layer_units.index == 0:
                                 as_tuple = returns_tuple(layer, hidden[0], arguments[0])
                             if terms:
-                                inputs.append(hidden)
+                                inputs.push(hidden)
                             hidden = _forward_sweep(model, table.subset([layer_units.index]), layer, hidden,
                                                     arguments, stats, activations)
                             if not terms:
@@ -169,6 +176,28 @@ def _backward_sweep(model: nn.Module, view: UnitTable, layer: nn.Module, inputs:
         for hook in hooks:
             hook.remove()
     return below
+
+
+class _Spill:
+    """Each layer's calibration inputs, written to a temporary folder on the forward sweep and read
+    back, last first, on the backward sweep: one layer's hidden states in memory, not every layer's."""
+
+    def __init__(self) -> None:
+        self._folder = tempfile.TemporaryDirectory(prefix="adaprune-hidden-")
+        self._count = 0
+
+    def push(self, hidden: list[torch.Tensor]) -> None:
+        torch.save(hidden, Path(self._folder.name) / f"{self._count}.pt")
+        self._count += 1
+
+    def pop(self) -> list[torch.Tensor]:
+        self._count -= 1
+        path = Path(self._folder.name) / f"{self._count}.pt"
+        hidden = torch.load(path, weights_only=True)
+        path.unlink()
+        if self._count == 0:
+            self._folder.cleanup()
+        return hidden
 
 
 class _Carry(nn.Module):

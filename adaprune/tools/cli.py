@@ -193,7 +193,7 @@ def check_prune_arguments(args: argparse.Namespace) -> dict[str, Any]:
             ReconstructStage(**reconstruct)
         except (TypeError, ValueError) as error:
             raise AdapruneError(f"--reconstruct-options {reconstruct} are not understood ({error}); it takes "
-                                "damping, samples, target and bias.") from error
+                                "damping, samples, target, bias, add_bias and anchor.") from error
     if not Path(args.model).exists():
         raise AdapruneError(f"{args.model} does not exist: give a checkpoint folder (config.json and weights) or a "
                             ".gguf file.")
@@ -533,8 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--trust-remote-code", action="store_true")
     prune.add_argument("--offload", action="store_true",
                        help="for a model larger than memory: keep its weights in its safetensors files and load one "
-                            "decoder layer at a time (forward-only estimators, --fusion fixed, --no-reconstruct; "
-                            "docs/scale.md)")
+                            "decoder layer at a time to score, reconstruct, slice and save (needs --fusion fixed, "
+                            "coarse or fine: the adaptive fusion trains through the whole model; docs/scale.md)")
     prune.add_argument("--dist-timeout", type=float, default=1800.0,
                        help="under torchrun: seconds a rank waits for the others before failing "
                             "(env ADAPRUNE_DIST_TIMEOUT overrides)")
