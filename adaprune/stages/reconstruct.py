@@ -210,28 +210,33 @@ class ReconstructStage(Stage):
         linear, kept = projection.linear, projection.kept
         weight = mask.original(linear.weight).to(torch.float64)
         bias = mask.original(linear.bias).to(torch.float64) if linear.bias is not None else None
-        n = moments.count
-        gram = moments.gram / n  # E[z z^T] on the pruned path
+        n, k = moments.count, len(kept)
+        # Only the kept columns of the Gram matrices are needed: E[z z_K^T] (on the dense path when asked)
+        # and E[z_K z_K^T]. One width x |K| slice at a time; the full sums are dropped as soon as read.
         mean = moments.sum / n
-        cross, cross_mean = (moments.cross / n, moments.dense_sum / n) if moments.dense_count else (gram, mean)
-        # Right-hand side: E[target z_K^T] with target = W z (+ b); z from the dense path when asked.
-        rhs = weight @ cross[:, kept]
-        system = gram[kept][:, kept]
+        cross_mean = moments.dense_sum / n if moments.dense_count else mean
+        columns = (moments.cross if moments.dense_count else moments.gram)[:, kept].div_(n)
+        system = moments.gram[kept[:, None], kept].div_(n)
+        moments.gram = moments.cross = None
+        # Right-hand side: E[target z_K^T] with target = W z (+ b).
+        rhs = weight @ columns
+        del columns
         fit_bias = self.bias and bias is not None
         if fit_bias:  # augment z_K with a constant 1 (the bias is not damped)
             system = torch.cat([torch.cat([system, mean[kept, None]], 1),
                                 torch.cat([mean[kept], mean.new_ones(1)])[None]], 0)
             target_mean = weight @ cross_mean + bias
             rhs = torch.cat([rhs + bias[:, None] * mean[kept][None], target_mean[:, None]], 1)
-        scale = float(torch.diagonal(system)[: len(kept)].mean()) or 1.0
+        diagonal = system.diagonal()[:k]
+        undamped = diagonal.clone()
+        scale = float(undamped.mean()) or 1.0
         damping, raised = self.damping, False
         for _ in range(MAX_RETRIES):
-            regularised = system.clone()
-            regularised.diagonal()[: len(kept)] += damping * scale
+            diagonal.copy_(undamped + damping * scale)  # damped in place: no second k x k matrix
             anchored = rhs.clone()
             if self.anchor == "dense":  # the ridge term pulls towards the dense weights, not towards zero
-                anchored[:, : len(kept)] += damping * scale * weight[:, kept]
-            factor, info = torch.linalg.cholesky_ex(regularised)
+                anchored[:, :k] += damping * scale * weight[:, kept]
+            factor, info = torch.linalg.cholesky_ex(system)
             if int(info) == 0:
                 solution = torch.cholesky_solve(anchored.T, factor).T
                 if bool(torch.isfinite(solution).all()):
@@ -240,11 +245,12 @@ class ReconstructStage(Stage):
         else:
             raise ConfigurationError(f"Reconstruction of {projection.path} found no usable solution even with "
                                      f"damping {damping:g}; run with reconstruct=False, or more calibration samples.")
+        del system, factor
         new_weight = torch.zeros_like(weight)
-        new_weight[:, kept] = solution[:, : len(kept)]
+        new_weight[:, kept] = solution[:, :k]
         mask.replace(linear.weight, new_weight)
         if fit_bias:
-            mask.replace(linear.bias, solution[:, len(kept)])
+            mask.replace(linear.bias, solution[:, k])
         return {"projection": projection.path, "kept_inputs": len(kept), "damping": damping,
                 "damping_raised": raised}
 

@@ -8,8 +8,10 @@ Buffers the model computes itself (rotary frequencies) stay real throughout.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,6 +56,7 @@ class CheckpointWeights:
             raise ConfigurationError(
                 f"{self.folder} holds no safetensors weights ({SINGLE} or {INDEX}): offloading streams layers from "
                 "safetensors files. Save the model with model.save_pretrained(folder) (safetensors is the default).")
+        large_allocations_mapped()
 
     def load(self, model: nn.Module, prefix: str) -> None:
         """Load every parameter and persistent buffer of the module at `prefix` ('' for all) from the files."""
@@ -105,11 +108,13 @@ class CheckpointWeights:
             set_module_tensor_to_device(model, name, "meta")
         if getattr(model.config, "tie_word_embeddings", False):
             model.tie_weights()  # the head shares the embedding again, on the meta device
+        return_freed_memory()
 
     @staticmethod
     def release(module: nn.Module) -> None:
         """Back to the meta device: the module's weights leave memory."""
         module.to("meta")
+        return_freed_memory()
 
     @contextmanager
     def resident(self, model: nn.Module, prefix: str) -> Iterator[nn.Module]:
@@ -120,6 +125,46 @@ class CheckpointWeights:
             yield module
         finally:
             self.release(module)
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def large_allocations_mapped() -> None:
+    """Have glibc map every allocation above 1 MiB on its own (mallopt M_MMAP_THRESHOLD), so that a
+    freed tensor goes back to the system at once, whatever the heap around it holds.
+
+    By default glibc raises that threshold each time a mapped block is freed (up to 32 MiB), after
+    which a streamed layer's tensors come from the heap, and a heap fragmented by many of them keeps
+    its pages. Process-wide; set once offload is asked for.
+    """
+    if _LIBC is not None:
+        _LIBC.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+
+
+def return_freed_memory() -> None:
+    """Hand freed heap memory back to the system (glibc's malloc_trim), where there is glibc.
+
+    A layer's tensors (tens of MiB each) come from the heap once glibc has raised its mmap
+    threshold, and freed heap pages stay in the process: without this, resident memory grows by a
+    layer per layer streamed, as if nothing were released.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim, libc.mallopt  # noqa: B018 (musl has neither)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _glibc()
 
 
 def _persistent_buffers(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
