@@ -2,7 +2,7 @@
 
     python benchmarks/offload_benchmark.py
 
-A random-initialised Llama-shaped model (float32, about 3.9 GB with the defaults below) is saved as
+A random-initialised Llama-shaped model (float32, about 4 GiB with the defaults below) is saved as
 sharded safetensors. Then, each in a fresh process:
 
 1. streamed: `Pruner(empty_model(folder), offload=folder, fusion="fixed", ratio=0.2)` (the other
@@ -107,8 +107,8 @@ def main() -> int:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--intermediate", type=int, default=4096)
-    parser.add_argument("--layers", type=int, default=64)
+    parser.add_argument("--intermediate", type=int, default=2816)
+    parser.add_argument("--layers", type=int, default=96)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=8192)
