@@ -41,23 +41,11 @@ CALIBRATION_SAMPLES = 32
 # ---- the worker: one GGUF file in a fresh process ----------------------------------------------
 
 def worker(args: argparse.Namespace) -> None:
-    import llama_cpp
-    import llama_cpp.llama_cpp as bindings
+    from adaprune.tools.llama_runtime import open_gguf  # weight repacking off: see there
 
-    # Weight repacking into extra buffer types off (llama.cpp's --no-repack), for every file alike: on
-    # CPUs with AMX, llama.cpp 0.3.36 repacks q8_0 tensors (the token embedding included) into its
-    # AMX buffer and then crashes (SIGSEGV) on the first evaluation; measured on this machine.
-    defaults = bindings.llama_model_default_params
-
-    def without_repacking():
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    bindings.llama_model_default_params = without_repacking
     task = json.loads(Path(args.worker).read_text())
-    llm = llama_cpp.Llama(model_path=task["path"], n_ctx=512, n_batch=512, n_threads=THREADS,
-                          n_threads_batch=THREADS, logits_all=task["kind"] == "perplexity", verbose=False)
+    llm = open_gguf(task["path"], n_ctx=512, n_batch=512, n_threads=THREADS, n_threads_batch=THREADS,
+                    logits_all=task["kind"] == "perplexity", verbose=False)
     out: dict = {}
     if task["kind"] == "speed":
         prompt = task["tokens"][:PROMPT]

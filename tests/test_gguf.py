@@ -18,6 +18,7 @@ import torch
 
 from adaprune import ExportError, Pruner, UnsupportedArchitectureError, export_gguf, unit_table
 from adaprune.tools.cli import main
+from adaprune.tools.llama_runtime import open_gguf
 from families import FAMILIES, Shape, build, prune_by_hand
 
 try:
@@ -58,7 +59,7 @@ def tiny(name: str, window: int | None = None):
 
 def llama_cpp_logits(path, ids) -> np.ndarray:
     # An f32 KV cache (llama.cpp keeps f16 by default): the comparison is of float32 arithmetic only.
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, n_threads=1, logits_all=True, verbose=False,
+    llm = open_gguf(path, n_ctx=64, n_batch=64, n_threads=1, logits_all=True, verbose=False,
                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     llm.eval(ids)
     logits = np.array(llm.scores[: len(ids)], dtype=np.float32)
@@ -253,7 +254,7 @@ def test_pruned_smollm2_generates_the_same_greedy_continuation(tmp_path):
                 "tokenizer.ggml.pre"):
         assert reader.get_field(key).contents() == original.get_field(key).contents(), key
 
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, verbose=False)
+    llm = open_gguf(path, n_ctx=256, n_threads=1, verbose=False)
     text = wiki_texts("test")[0][:400]
     # llama.cpp tokenizes as transformers does (the special-token prefix aside).
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
