@@ -65,7 +65,7 @@ def test_dense_target_and_options_are_recorded():
     plan = pruner.plan(random_batches(97, count=2, batch=4, seq=16))
     pruner.apply(plan)
     assert plan.settings["stages"]["reconstruct"] == {"damping": 0.1, "samples": 6, "target": "dense", "bias": True,
-                                                      "add_bias": False, "anchor": "zero"}
+                                                      "add_bias": False, "anchor": "dense"}
     assert plan.stages["reconstruct"]["rows"] == 6
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
@@ -172,7 +172,7 @@ def _refitted_weights(options) -> dict[str, torch.Tensor]:
 def test_the_dense_anchor_moves_from_the_full_refit_to_the_dense_weights():
     """Anchored at the dense weights, a tiny damping refits as the plain ridge does, and a huge one
     leaves the kept weights as they were (what slicing without reconstruction keeps)."""
-    plain = _refitted_weights({"damping": 1e-6})
+    plain = _refitted_weights({"damping": 1e-6, "anchor": "zero"})
     light = _refitted_weights({"damping": 1e-6, "anchor": "dense"})
     heavy = _refitted_weights({"damping": 1e6, "anchor": "dense"})
     untouched = _refitted_weights(False)
@@ -187,4 +187,4 @@ def test_empty_options_mean_the_defaults_not_off():
     pruner = Pruner(model, ratio=0.3, estimators=["activation"], fusion="fine", reconstruct={}, progress=False)
     plan = pruner.plan(random_batches(97, count=4, batch=4, seq=16))
     pruner.apply(plan)
-    assert plan.stages["reconstruct"]["layers"] and plan.stages["reconstruct"]["anchor"] == "zero"
+    assert plan.stages["reconstruct"]["layers"] and plan.stages["reconstruct"]["anchor"] == "dense"

@@ -519,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--no-reconstruct", dest="reconstruct", action="store_false", default=bool(DEFAULTS.reconstruct),
                        help="skip the weight reconstruction after the cut (on by default)")
     prune.add_argument("--reconstruct-options", default=None,
-                       help='JSON options of the reconstruction, e.g. \'{"damping": 0.01, "target": "dense"}\'')
+                       help='JSON options of the reconstruction, e.g. \'{"damping": 1.0, "anchor": "dense"}\' (the defaults)')
     prune.add_argument("--calib", default=None,
                        help="calibration text: JSON list of strings or text split on blank lines "
                             "(default: the Wikipedia calibration split)")
