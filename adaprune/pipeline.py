@@ -99,7 +99,7 @@ class Pruner:
         multiple: kept MLP widths are rounded to a multiple of this.
         reconstruct: after apply, refit the projections that read removed units in closed form on
             the calibration batches (``adaprune.stages.reconstruct``); a dict gives its options
-            (``damping``, ``samples``, ``target``, ``bias``); False skips it.
+            (``damping``, ``samples``, ``target``, ``bias``, ``add_bias``, ``anchor``); False skips it.
         stages: further stages after apply (see ``adaprune.stages``), run after reconstruction.
         offload: a safetensors checkpoint folder holding `model`'s weights, for a model larger than
             memory: `model` may then be on the meta device (``adaprune.streaming.empty_model``), the
