@@ -177,3 +177,19 @@ def test_cli_offload_equals_in_memory(tmp_path, capsys):
     assert torch.equal(_logits(tmp_path / "streamed", ids), _logits(tmp_path / "mem", ids))
     assert json.loads((tmp_path / "streamed" / "adaprune_plan.json").read_text())["layers"] == \
         json.loads((tmp_path / "mem" / "adaprune_plan.json").read_text())["layers"]
+
+
+def test_cli_offload_refusals(tmp_path, capsys):
+    family = next(f for f in FAMILIES if f.name == "llama")
+    _, dense = _checkpoint(family, tmp_path)
+    word_tokenizer().save_pretrained(dense)
+    gguf_file = tmp_path / "model.gguf"
+    gguf_file.write_bytes(b"GGUF")
+    assert cli_main(["prune", str(gguf_file), "--offload", "--fusion", "fixed", "--out", str(tmp_path / "a")]) == 2
+    assert "--offload streams layers from safetensors files" in capsys.readouterr().err
+    text = tmp_path / "calib.txt"
+    text.write_text("\n\n".join(["the cat sat on a mat . the dog ran home"] * 30))
+    assert cli_main(["prune", str(dense), "--offload", "--calib", str(text), "--samples", "4", "--seq-len", "16",
+                     "--out", str(tmp_path / "b")]) == 2  # the adaptive fusion, the default, cannot stream
+    assert "--fusion fixed" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
