@@ -61,20 +61,12 @@ class CheckpointWeights:
     def load(self, model: nn.Module, prefix: str) -> None:
         """Load every parameter and persistent buffer of the module at `prefix` ('' for all) from the files."""
         module = model.get_submodule(prefix) if prefix else model
-        names = [n for n, _ in module.named_parameters()] + [n for n, _ in _persistent_buffers(module)]
-        by_file: dict[Path, list[str]] = {}
-        for name in names:
-            full = f"{prefix}.{name}" if prefix else name
-            if full in self.files:
-                by_file.setdefault(self.files[full], []).append(full)
-        absent = [n for n in names if (f"{prefix}.{n}" if prefix else n) not in self.files]
+        names = [f"{prefix}.{n}" if prefix else n for n in _tensor_names(module)]
+        absent = [n for n in names if n not in self.files]
         if absent:
-            raise ConfigurationError(f"The checkpoint in {self.folder} holds no {prefix}.{absent[0]}; it is "
+            raise ConfigurationError(f"The checkpoint in {self.folder} holds no {absent[0]}; it is "
                                      "incomplete or for another model.")
-        for file, full_names in by_file.items():
-            with safe_open(file, framework="pt") as handle:
-                for full in full_names:
-                    set_module_tensor_to_device(model, full, "cpu", value=handle.get_tensor(full))
+        self._read(model, names)
 
     def load_outside(self, model: nn.Module, layer_paths: Sequence[str]) -> list[str]:
         """Load every tensor outside the decoder layers (embeddings, final norm, head); returns their names.
@@ -83,16 +75,8 @@ class CheckpointWeights:
         are tied again once loaded.
         """
         inside = tuple(f"{path}." for path in layer_paths)
-        names = [n for n, _ in model.named_parameters()] + [n for n, _ in _persistent_buffers(model)]
-        outside = [n for n in names if not n.startswith(inside)]
-        by_file: dict[Path, list[str]] = {}
-        for name in outside:
-            if name in self.files:
-                by_file.setdefault(self.files[name], []).append(name)
-        for file, file_names in by_file.items():
-            with safe_open(file, framework="pt") as handle:
-                for name in file_names:
-                    set_module_tensor_to_device(model, name, "cpu", value=handle.get_tensor(name))
+        outside = [n for n in _tensor_names(model) if not n.startswith(inside)]
+        self._read(model, [n for n in outside if n in self.files])
         if getattr(model.config, "tie_word_embeddings", False):
             model.tie_weights()
         missing = [n for n, p in model.named_parameters() if n in outside and p.is_meta]
@@ -100,6 +84,16 @@ class CheckpointWeights:
             raise ConfigurationError(f"The checkpoint in {self.folder} holds no {missing[0]} (nor {len(missing) - 1} "
                                      "other weights outside the decoder layers); it is incomplete or for another model.")
         return outside
+
+    def _read(self, model: nn.Module, names: Sequence[str]) -> None:
+        """Put each named tensor's values from the checkpoint into `model`, one file open at a time."""
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[name], []).append(name)
+        for file, file_names in by_file.items():
+            with safe_open(file, framework="pt") as handle:
+                for name in file_names:
+                    set_module_tensor_to_device(model, name, "cpu", value=handle.get_tensor(name))
 
     @staticmethod
     def release_outside(model: nn.Module, names: Sequence[str]) -> None:
@@ -165,6 +159,11 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 _LIBC = _glibc()
+
+
+def _tensor_names(module: nn.Module) -> list[str]:
+    """The module's parameters and persistent buffers, as its state dict names them."""
+    return [n for n, _ in module.named_parameters()] + [n for n, _ in _persistent_buffers(module)]
 
 
 def _persistent_buffers(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from ..errors import AdapruneError
 from ..io import check_output_folder, check_writable_file, write_text
 from ..pipeline import DEFAULTS
+from ..plan import PLAN_FILE
 
 
 def load_model(path: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
@@ -400,8 +401,8 @@ def cmd_recover(args: argparse.Namespace) -> int:
     with atomic_directory(out, overwrite=out.exists()) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if (source / "adaprune_plan.json").is_file():
-            shutil.copy2(source / "adaprune_plan.json", tmp / "adaprune_plan.json")
+        if (source / PLAN_FILE).is_file():
+            shutil.copy2(source / PLAN_FILE, tmp / PLAN_FILE)
         write_text(tmp / "adaprune_recovery.json", json.dumps(record, indent=1))
     if args.report:
         write_text(args.report, json.dumps(record, indent=1))
