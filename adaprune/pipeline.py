@@ -45,6 +45,7 @@ from .scoring.candidates import block_importance, candidates_of, validate_scores
 from .stages.base import Stage, StageContext
 from .stages.reconstruct import ReconstructStage
 from .streaming.checkpoint import CheckpointWeights
+from .streaming.offloaded import disk_offloaded
 from .streaming.scoring import check_streamable, streamed_scores
 from .streaming.writer import write_streamed
 from .units.table import UnitTable
@@ -103,9 +104,10 @@ class Pruner:
         stages: further stages after apply (see ``adaprune.stages``), run after reconstruction.
         offload: a safetensors checkpoint folder holding `model`'s weights, for a model larger than
             memory: `model` may then be on the meta device (``adaprune.streaming.empty_model``), the
-            scoring loads one decoder layer at a time from the folder, and `save()` reconstructs, slices
+            scoring loads one decoder layer at a time from the folder, a fusion that trains runs the
+            model with each layer read from disk for its forward, and `save()` reconstructs, slices
             and writes one layer at a time (``adaprune.streaming``). Every built-in estimator but
-            ``learned``; a fusion that does not train through the model (not ``adaptive``).
+            ``learned``.
         progress: show progress bars.
     """
 
@@ -156,7 +158,7 @@ class Pruner:
         self.progress = progress
         self.weights = CheckpointWeights(offload) if offload is not None else None
         if self.weights is not None:
-            check_streamable(self.estimators, self.fusion, self.stages)
+            check_streamable(self.estimators, self.stages)
         table = UnitTable(model, self.spec)
         self.eligible = eligible_layers(len(table), layers)
         check_units(self.units, self.allocator, self.spec)
@@ -247,9 +249,9 @@ class Pruner:
             return self.allocator.allocate(table, AllocationScores(fused, blocks), budget)
 
         levels = tuple(unit.level for unit in self.units if unit.level is not None)
-        context = FusionContext(self.model, table, levels, batches, select, self.allocator.fixed_counts,
-                                self.progress)
-        with self._timed("fusion"), torch.enable_grad():
+        with self._timed("fusion"), torch.enable_grad(), self._runnable(table, self.fusion.uses_model) as model:
+            context = FusionContext(model, table, levels, batches, select, self.allocator.fixed_counts,
+                                    self.progress)
             fused = self.fusion.fuse(candidates, context)
         for warning in fused.warnings:  # recorded in the plan, and said where people look
             warnings.warn(FusionWarning(f"fusion {self.fusion.name}: {warning}"), stacklevel=2)
@@ -277,6 +279,16 @@ class Pruner:
                        "prunable_fraction_removed": round(removed / prunable, 6) if prunable else 0.0}
         self._planned = (plan, batches)
         return plan
+
+    @contextmanager
+    def _runnable(self, table: UnitTable, needed: bool) -> Iterator[nn.Module]:
+        """The model, for a stage that runs it whole: with offload (when `needed`), its decoder layers
+        read from disk during each forward (`streaming.offloaded`)."""
+        if self.weights is None or not needed:
+            yield self.model
+            return
+        with disk_offloaded(self.model, self.weights, [layer.path for layer in table]) as model:
+            yield model
 
     def _batches(self, calibration: Iterable | None, tokenizer: Any) -> list[torch.Tensor]:
         if calibration is None:

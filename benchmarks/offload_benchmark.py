@@ -5,10 +5,11 @@
 A random-initialised Llama-shaped model (float32, about 4 GiB with the defaults below) is saved as
 sharded safetensors. Then, each in a fresh process:
 
-1. streamed: `Pruner(empty_model(folder), offload=folder, fusion="fixed", ratio=0.2)` (the other
-   settings the defaults: Taylor and activation candidates, global allocation, reconstruction) plans
-   and saves, inside a cgroup (v1 memory controller) whose limit is a third of the model's bytes:
-   the whole process, Python and torch included, must fit, or the kernel stops it;
+1. streamed: `Pruner(empty_model(folder), offload=folder, ratio=0.2)` (the other settings the
+   defaults: Taylor and activation candidates, the adaptive fusion, global allocation,
+   reconstruction; `--fusion fixed` for the fusion that does not train) plans and saves, inside
+   a cgroup (v1 memory controller) whose limit is a third of the model's bytes: the whole process,
+   Python and torch included, must fit, or the kernel stops it;
 2. in memory: the same prune of the model loaded whole, no limit.
 
 The two plans must remove the same units, and the two saved checkpoints give the same logits
@@ -54,12 +55,12 @@ def child(args: argparse.Namespace) -> None:
                for _ in range(args.samples // 4)]
     start = time.perf_counter()
     if args.child == "streamed":
-        pruner = Pruner(empty_model(folder), offload=folder, ratio=args.ratio, fusion="fixed", progress=False)
+        pruner = Pruner(empty_model(folder), offload=folder, ratio=args.ratio, fusion=args.fusion, progress=False)
     else:
         from transformers import AutoModelForCausalLM
 
         pruner = Pruner(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), ratio=args.ratio,
-                        fusion="fixed", progress=False)
+                        fusion=args.fusion, progress=False)
     loaded = time.perf_counter() - start
     plan = pruner.plan(batches)
     pruner.save(plan, out)
@@ -72,7 +73,8 @@ def run_child(kind: str, args: argparse.Namespace, folder: Path, out: Path, cgro
     result = out.with_suffix(".json")
     command = [sys.executable, __file__, "--child", kind, "--folder", str(folder), "--out", str(out),
                "--result", str(result), "--ratio", str(args.ratio), "--samples", str(args.samples),
-               "--seq-len", str(args.seq_len), "--vocab", str(args.vocab), "--threads", str(args.threads)]
+               "--seq-len", str(args.seq_len), "--vocab", str(args.vocab), "--threads", str(args.threads),
+               "--fusion", args.fusion]
 
     def enter_cgroup() -> None:  # in the child, before Python starts: everything it allocates is charged
         (cgroup / "cgroup.procs").write_text(str(os.getpid()))
@@ -113,6 +115,7 @@ def main() -> int:
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--ratio", type=float, default=0.2)
+    parser.add_argument("--fusion", default="adaptive", help="the Pruner's fusion (default: the Pruner's default)")
     parser.add_argument("--samples", type=int, default=16, help="calibration samples (random tokens)")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
@@ -170,8 +173,11 @@ def main() -> int:
         "settings": {"hidden": args.hidden, "intermediate": args.intermediate, "layers": args.layers,
                      "heads": args.heads, "kv_heads": args.kv_heads, "vocab": args.vocab, "dtype": "float32",
                      "ratio": args.ratio, "calibration": f"{args.samples} x {args.seq_len} random tokens",
-                     "pruner": "defaults but fusion='fixed' (Taylor + activation, global, reconstruction)",
-                     "threads": args.threads, "command": "python benchmarks/offload_benchmark.py"},
+                     "pruner": "the defaults (Taylor + activation, adaptive fusion, global, reconstruction)"
+                               if args.fusion == "adaptive" else
+                               f"the defaults but fusion={args.fusion!r} (Taylor + activation, global, reconstruction)",
+                     "threads": args.threads, "command": "python benchmarks/offload_benchmark.py"
+                                + ("" if args.fusion == "adaptive" else f" --fusion {args.fusion}")},
         "parameters": parameters, "model_mb": model_bytes / 2**20, "limit_mb": limit / 2**20,
         "limit": "cgroup v1 memory.limit_in_bytes on the streamed process" if cgroup else
                  "none (no cgroup could be made here): RSS measured only",

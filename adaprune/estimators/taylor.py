@@ -31,7 +31,7 @@ from torch import nn
 
 from ..scoring.calibration import CalibrationStats, GradientTerm
 from ..units.table import LayerUnits, UnitTable
-from ..vocabulary import LEVELS, Level
+from ..vocabulary import LEVELS
 from .base import Estimator, Scores
 from ..hookspecs import hookimpl
 

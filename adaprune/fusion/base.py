@@ -60,8 +60,8 @@ class FusionPolicy:
     """
 
     name: ClassVar[str]
-    #: Whether the policy runs the model (``context.model``, ``context.batches``): such a policy
-    #: cannot work on a model streamed one layer at a time (offload).
+    #: Whether the policy runs the model (``context.model``, ``context.batches``): with offload it is
+    #: then given the model with its decoder layers read from disk at each forward (slower).
     uses_model: ClassVar[bool] = False
 
     @property

@@ -16,8 +16,9 @@ computes inside the model, so the scores equal the in-memory ones (bit for bit o
 Resident: the embeddings and head, one layer, the calibration hidden states entering it (for
 gradient terms also the gradients at its output; the inputs of every layer wait in a temporary folder
 for the backward sweep). Refused, with the alternative: estimators that run the whole model
-themselves (learned), a fusion that trains through the model (adaptive), stages other than the
-reconstruction (which `adaprune.streaming.writer` runs layer by layer).
+themselves (learned), stages other than the reconstruction (which `adaprune.streaming.writer` runs
+layer by layer). The adaptive fusion runs the model whole, its layers read from disk
+(`adaprune.streaming.offloaded`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from tqdm.auto import tqdm
 
 from ..errors import CalibrationError, ConfigurationError
 from ..estimators.base import Estimator, Scores
-from ..fusion.base import FusionPolicy
 from ..scoring import distributed
 from ..scoring.calibration import (CalibrationStats, PassRecord, activation_hooks, fold_statistics, gradient_hooks,
                                    start_gradient_totals)
@@ -47,22 +47,17 @@ from .checkpoint import CheckpointWeights
 
 #: What a streamed pass can give an estimator.
 STREAMED_NEEDS = frozenset({"weights", "activations", "gradients", "per_sample_gradients"})
-WORKING = ("fusion='fixed' (or coarse, fine; on the command line --fusion fixed), with any of the estimators "
-           "taylor, activation, fluctuation, magnitude")
 
 EstimatorRun = Callable[[Estimator, UnitTable, CalibrationStats], Scores]
 
 
-def check_streamable(estimators: Sequence[Estimator], fusion: FusionPolicy, stages: Sequence[Stage]) -> None:
+def check_streamable(estimators: Sequence[Estimator], stages: Sequence[Stage]) -> None:
     """Refuse, before any work, what cannot run one layer at a time, naming a configuration that can."""
     whole = [e.name for e in estimators if not e.needs <= STREAMED_NEEDS]
     if whole:
         raise ConfigurationError(
             f"With offload, estimator(s) {whole} cannot score: they run the whole model themselves, and offload "
-            f"holds one layer at a time. Use {WORKING}.")
-    if fusion.uses_model:
-        raise ConfigurationError(
-            f"With offload, the {fusion.name!r} fusion cannot run: it trains through the whole model. Use {WORKING}.")
+            "holds one layer at a time. Use any of taylor, activation, fluctuation, magnitude.")
     whole_model = [s.name for s in stages if not isinstance(s, ReconstructStage)]
     if whole_model:
         raise ConfigurationError(

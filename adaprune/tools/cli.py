@@ -534,8 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--trust-remote-code", action="store_true")
     prune.add_argument("--offload", action="store_true",
                        help="for a model larger than memory: keep its weights in its safetensors files and load one "
-                            "decoder layer at a time to score, reconstruct, slice and save (needs --fusion fixed, "
-                            "coarse or fine: the adaptive fusion trains through the whole model; docs/scale.md)")
+                            "decoder layer at a time to score, train the fusion, reconstruct, slice and save "
+                            "(docs/scale.md)")
     prune.add_argument("--dist-timeout", type=float, default=1800.0,
                        help="under torchrun: seconds a rank waits for the others before failing "
                             "(env ADAPRUNE_DIST_TIMEOUT overrides)")

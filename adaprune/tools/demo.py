@@ -130,7 +130,7 @@ def run_demo(out: str = "out/smollm2-pruned", ratio: float = 0.2, overwrite: boo
     print(f"removed {1 - after['params'] / before['params']:.1%} of all parameters "
           f"({plan.params['removed'] / plan.params['prunable_before']:.1%} of the prunable ones); "
           f"stages (s): {json.dumps(pruner.timings)}")
-    print(f"kept per layer (heads/kv groups/channels): "
+    print("kept per layer (heads/kv groups/channels): "
           + " ".join(f"{s['heads']}/{s['kv_groups']}/{s['channels']}" for s in plan.summary()["layers"]))
     print(f"saved to {folder}; reloaded without adaprune as {checked.stdout.strip()}; "
           f"max logit difference {reload_error:.2e}")
