@@ -25,7 +25,7 @@ benchmarks/quality_benchmark.py). Before each step the kernel's peak-RSS counter
 The fit: log(seconds) = a + b log(parameters x calibration tokens), least squares over the sizes
 (and the token-scaled points), per estimator and stage. Magnitude needs no calibration: its
 scoring is fitted against parameters alone.
-Results: benchmarks/results/scale.{json,md,png}.
+Results: benchmarks/results/scale.{json,md,png} (`--out` for another path: a run writes after every size).
 """
 
 from __future__ import annotations
@@ -153,6 +153,7 @@ def main() -> None:
     parser.add_argument("--estimators", default=",".join(ESTIMATORS))
     parser.add_argument("--worker", default=None)
     parser.add_argument("--quick", action="store_true", help="write nothing, print the rows")
+    parser.add_argument("--out", default=str(RESULTS / "scale"), help="results path without suffix (.json, .md, .png)")
     args = parser.parse_args()
     samples = [int(s) for s in args.samples.split(",")]
     estimators = args.estimators.split(",")
@@ -178,7 +179,7 @@ def main() -> None:
         # Written after every size, so that a run stopped by a time limit keeps the sizes it finished.
         record = summarise(runs, estimators, args, samples, skipped=sizes[i + 1:])
         if not args.quick:
-            write(record)
+            write(record, Path(args.out))
     print(json.dumps(record, indent=1) if args.quick else table(record))
 
 
@@ -200,13 +201,13 @@ def summarise(runs: list[dict], estimators: list[str], args: argparse.Namespace,
             "not_run": skipped}
 
 
-def write(record: dict) -> None:
+def write(record: dict, out: Path) -> None:
     from adaprune.io import write_text
 
-    RESULTS.mkdir(exist_ok=True)
-    write_text(RESULTS / "scale.json", json.dumps(record, indent=1))
-    write_text(RESULTS / "scale.md", table(record))
-    plot(record, RESULTS / "scale.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text(out.with_suffix(".json"), json.dumps(record, indent=1))
+    write_text(out.with_suffix(".md"), table(record))
+    plot(record, out.with_suffix(".png"))
 
 
 def table(record: dict) -> str:
