@@ -32,10 +32,9 @@ def disk_offloaded(model: nn.Module, weights: CheckpointWeights, layer_paths: Se
 
     Afterwards the model is as it was: hooks removed, every weight on the meta device again.
     """
-    dtype = next(model.parameters()).dtype
-    # accelerate's loader reads tensors straight from the safetensors files, cast to the model's dtype.
-    loader = OffloadedWeightsLoader(index={name: {"safetensors_file": str(file), "weight_name": name,
-                                                  "dtype": str(dtype).removeprefix("torch.")}
+    # accelerate's loader reads tensors straight from the safetensors files; its hook casts each to the
+    # dtype of the model's own (meta) tensor, as CheckpointWeights does.
+    loader = OffloadedWeightsLoader(index={name: {"safetensors_file": str(file), "weight_name": name}
                                            for name, file in weights.files.items()})
     outside = weights.load_outside(model, layer_paths)
     device = next(p.device for p in model.parameters() if not p.is_meta)
