@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         planner = Pruner(dense, ratio=ratio, progress=True, **settings)
         plan = planner.plan(batches)
         planning = time.perf_counter() - start
-        variants = [(unreconstructed, False)] if unreconstructed else []
+        variants = [(unreconstructed, False)] if unreconstructed and (not wanted or unreconstructed in wanted) else []
         for name, reconstruct in variants + [(label, settings.get("reconstruct", True))]:
             model = copy.deepcopy(dense)
             with PeakRSS() as memory:

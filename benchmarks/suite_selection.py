@@ -5,11 +5,18 @@
 Every task (``social_iqa`` and the twenty in ``bigbench/``) is scored on its first ``--limit`` items
 (500; fewer where they would score more than ``--token-budget`` tokens, 60,000, counting prompt and choice
 for every choice: on one CPU thread SmolLM2-135M scores a few hundred tokens a second, so the whole
-measurement takes about 45 minutes) with BIG-bench's own zero-shot prompt (``adaprune.suite``), and with
-``--plain`` also on the bare input (what ``adaprune eval --mc`` scores), for comparison only. The first run
-capped every task at 12,000 tokens, which left 70 Social IQa items: too few to tell 0.40 from a chance of
-0.33 by three standard errors (that takes about 200); the rule stayed, the cap went up. The rule, fixed
-before measuring:
+measurement takes about 45 minutes), in the pruning papers' protocol (lm-eval's, ``--prompt plain``):
+the item's input, then each choice scored as its continuation, the choices not listed in the prompt;
+``--prompt bigbench`` uses BIG-bench's own zero-shot prompt instead (task prefix, the choices listed,
+``adaprune.tools.suite``), and ``--compare`` scores the other format too, for comparison only.
+
+History: the first run used BIG-bench's prompt and capped every task at 12,000 tokens, which left 70 Social
+IQa items, too few to tell 0.40 from a chance of 0.33 by three standard errors (that takes about 200), and
+no task passed. The second raised the cap to 60,000 tokens: Social IQa, 354 items, scored 0.384 with
+BIG-bench's prompt (z = +1.9), while the plain format is the one pruning papers report (LLM-Pruner's and
+the seed paper's suites run through lm-eval, which does not list the choices) and the one a 135M model
+can answer (a list of choices before "A:" is a format it was not trained on). So this selection uses the
+papers' format; the rule is unchanged. The rule, fixed before measuring:
 
 - metric: raw accuracy when every item offers the same labels (yes/no, True/False, ...), length-
   normalised accuracy when the choices are free text that differs per item (``adaprune.tools.suite.choose_metric``);
@@ -67,7 +74,9 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=500, help="first N items of each task")
     parser.add_argument("--token-budget", type=int, default=60_000,
                         help="fewer items where the first --limit would score more tokens than this (all choices)")
-    parser.add_argument("--plain", action="store_true", help="also score the bare input, for comparison")
+    parser.add_argument("--prompt", choices=("plain", "bigbench"), default="plain",
+                        help="the prompt format the rule is applied to (default: the papers' protocol)")
+    parser.add_argument("--compare", action="store_true", help="also score the other prompt format, for comparison")
     parser.add_argument("--tasks", default=None, help="comma-separated task names (default: all)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--no-write-suite", action="store_true", help="do not write adaprune/suites/zero_shot.json")
@@ -86,8 +95,10 @@ def main() -> int:
     for path in paths:
         name = Path(path).parent.name
         row: dict = {"name": name, "path": path}
-        limit = items_within_budget(tokenizer, load_task_examples(data_dir / path, limit=args.limit), args.token_budget)
-        for prompt in ("bigbench", "plain") if args.plain else ("bigbench",):
+        limit = items_within_budget(tokenizer, load_task_examples(data_dir / path, prompt=args.prompt, limit=args.limit),
+                                    args.token_budget)
+        other = "bigbench" if args.prompt == "plain" else "plain"
+        for prompt in (args.prompt, other) if args.compare else (args.prompt,):
             examples = load_task_examples(data_dir / path, prompt=prompt, limit=limit)
             start = time.perf_counter()
             scores = multiple_choice(model, tokenizer, examples)
@@ -96,7 +107,7 @@ def main() -> int:
         row["chance"] = chance_level(examples)
         row["baseline"] = constant_baseline(examples)
         row["metric"] = choose_metric(examples)
-        own = row["bigbench"]
+        own = row[args.prompt]
         row["score"], row["score_stderr"] = own[row["metric"]], own[row["metric"] + "_stderr"]
         row["z"] = (row["score"] - row["baseline"]) / row["score_stderr"] if row["score_stderr"] else 0.0
         row["kept"] = row["z"] >= Z
@@ -112,10 +123,10 @@ def main() -> int:
     suite = {
         "name": "zero_shot",
         "description": (f"Tasks where dense SmolLM2-135M beats the baseline by >= {Z:g} standard errors on the first "
-                        f"{args.limit} items (or those within {args.token_budget} scored tokens), with BIG-bench's own prompt; metric by the label rule "
+                        f"{args.limit} items (or those within {args.token_budget} scored tokens), with the {args.prompt} prompt; metric by the label rule "
                         "(fixed labels: accuracy, free-text choices: accuracy_norm). Made by: " + command.strip()),
         "tasks": [{"name": r["name"], "path": r["path"], "metric": r["metric"], "limit": r["items"],
-                   "chance": round(r["chance"], 6), "prompt": "bigbench"} for r in kept],
+                   "chance": round(r["chance"], 6), "prompt": args.prompt} for r in kept],
     }
     result = {
         "command": command.strip(), "model": "SmolLM2-135M (adaprune.data.load_smollm2, float32)",
@@ -129,16 +140,16 @@ def main() -> int:
         own = [r["score"] for r in kept]
         result["dense_average"] = sum(own) / len(own)
     io.write_text(RESULTS / "suite_selection.json", json.dumps(result, indent=1) + "\n")
-    io.write_text(RESULTS / "suite_selection.md", markdown(result, args.plain))
+    io.write_text(RESULTS / "suite_selection.md", markdown(result, args.prompt, args.compare))
     if not args.no_write_suite and not args.tasks:
-        write_suites(suite, rows, args.limit)
+        write_suites(suite, rows, args.limit, args.prompt)
     (RESULTS / "suite_selection.partial.json").unlink(missing_ok=True)
     print(f"{len(kept)} of {len(rows)} tasks kept; dense average {result.get('dense_average', float('nan')):.4f}; "
           f"{seconds:.0f} s")
     return 0
 
 
-def write_suites(suite: dict, rows: list[dict], limit: int) -> None:
+def write_suites(suite: dict, rows: list[dict], limit: int, prompt: str) -> None:
     """``zero_shot.json`` (the kept tasks; only when some are kept: a suite is never empty) and
     ``candidates.json`` (every measured task with its item limit, metric and chance, to run the same
     protocol on all of them)."""
@@ -149,15 +160,15 @@ def write_suites(suite: dict, rows: list[dict], limit: int) -> None:
     candidates = {
         "name": "candidates",
         "description": ("Every multiple-choice task of the data folder, as measured for the zero_shot selection "
-                        f"(first {limit} items or those within the token budget, BIG-bench's prompt, metric by the "
+                        f"(first {limit} items or those within the token budget, the {prompt} prompt, metric by the "
                         "label rule); see benchmarks/results/suite_selection.md."),
         "tasks": [{"name": r["name"], "path": r["path"], "metric": r["metric"], "limit": r["items"],
-                   "chance": round(r["chance"], 6), "prompt": "bigbench"} for r in rows],
+                   "chance": round(r["chance"], 6), "prompt": prompt} for r in rows],
     }
     io.write_text(SUITES_DIR / "candidates.json", json.dumps(candidates, indent=1) + "\n")
 
 
-def markdown(result: dict, plain: bool) -> str:
+def markdown(result: dict, prompt: str, compare: bool) -> str:
     """The measurement table, the rule and the chosen suite."""
     lines = [
         "# Zero-shot suite selection: dense SmolLM2-135M on every multiple-choice task",
@@ -165,8 +176,10 @@ def markdown(result: dict, plain: bool) -> str:
         f"Command: `{result['command']}` ({result['seconds']:.0f} s, {result['threads']} thread, torch {result['torch']}).",
         "",
         f"First {result['limit']} items of each task (fewer where they would score more than {result['token_budget']:,} "
-        "tokens, prompt and choice over all choices: the cost cap), BIG-bench's own zero-shot prompt (task prefix, input prefix, "
-        "choices appended where the task says so, output prefix). acc: the choice with the highest log-likelihood; "
+        "tokens, prompt and choice over all choices: the cost cap), "
+        + ("the papers' (lm-eval's) format: the bare input, each choice scored as its continuation, the choices not "
+           "listed" if prompt == "plain" else "BIG-bench's own zero-shot prompt (task prefix, input prefix, choices "
+           "appended where the task says so, output prefix)") + ". acc: the choice with the highest log-likelihood; "
         "acc_norm: log-likelihood per character of ' ' + choice. Standard errors sqrt(p(1-p)/n). chance: mean over "
         "items of #correct / #choices; baseline: chance, or for tasks whose items all share one label set the better "
         "of that and always answering the most frequent right label.",
@@ -176,18 +189,19 @@ def markdown(result: dict, plain: bool) -> str:
     ]
     header = "| task | items | chance | baseline | acc | acc_norm | metric | z | kept |"
     sep = "|---|---:|---:|---:|---:|---:|---|---:|---|"
-    if plain:
-        header += " plain acc | plain acc_norm |"
+    other = "bigbench" if prompt == "plain" else "plain"
+    if compare:
+        header += f" {other} acc | {other} acc_norm |"
         sep += "---:|---:|"
     lines += [header, sep]
     for r in sorted(result["tasks"], key=lambda r: -r["z"]):
-        own = r["bigbench"]
+        own = r[prompt]
         line = (f"| {r['name']} | {r['items']} | {r['chance']:.3f} | {r['baseline']:.3f} | "
                 f"{own['accuracy']:.3f} ± {own['accuracy_stderr']:.3f} | "
                 f"{own['accuracy_norm']:.3f} ± {own['accuracy_norm_stderr']:.3f} | {r['metric']} | {r['z']:+.1f} | "
                 f"{'**yes**' if r['kept'] else 'no'} |")
-        if plain:
-            p = r["plain"]
+        if compare:
+            p = r[other]
             line += f" {p['accuracy']:.3f} | {p['accuracy_norm']:.3f} |"
         lines.append(line)
     kept = result["suite"]["tasks"]

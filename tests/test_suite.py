@@ -62,8 +62,11 @@ def data(tmp_path_factory):
 
 
 def test_builtin_suite_loads_by_name_and_names_its_tasks():
-    # The selection kept no task (benchmarks/results/suite_selection.md), so "zero_shot" exists only when it does.
-    assert "candidates" in available_suites()
+    # benchmarks/suite_selection.py kept two tasks (benchmarks/results/suite_selection.md).
+    assert {"candidates", "zero_shot"} <= set(available_suites())
+    chosen = load_suite("zero_shot")
+    assert [t.name for t in chosen.tasks] == ["social_iqa", "date_understanding"]
+    assert all(t.prompt == "plain" and t.chance is not None and t.limit for t in chosen.tasks)
     suite = load_suite("candidates")
     assert suite.name == "candidates" and len(suite.tasks) == 21
     for task in suite.tasks:
@@ -200,6 +203,6 @@ def test_dense_smollm2_reproduces_the_selection_table():
     row = evaluate_suite(model, tokenizer, one)["tasks"][0]
     recorded = rows[task.name]
     assert row["items"] == recorded["items"] == task.limit
-    assert row["accuracy"] == recorded["bigbench"]["accuracy"]
-    assert row["accuracy_norm"] == recorded["bigbench"]["accuracy_norm"]
+    assert row["accuracy"] == recorded[task.prompt]["accuracy"]
+    assert row["accuracy_norm"] == recorded[task.prompt]["accuracy_norm"]
     assert row["chance"] == pytest.approx(task.chance, abs=1e-6)
