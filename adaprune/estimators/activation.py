@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..scoring.calibration import ActivationStats, CalibrationStats
+from ..units.positionwise import positionwise_sum
 from ..units.table import Member, UnitTable
 from ..vocabulary import LEVELS
 from .base import Estimator, Scores
@@ -36,12 +37,15 @@ class ActivationEstimator(Estimator):
         params = dict(model.named_parameters())
 
         def per_position(member: Member) -> torch.Tensor:
-            value = params[member.param_name].detach().abs().to(torch.float64).cpu()
+            weight = params[member.param_name].detach()
             inputs = stats.activations[member.module_path]
-            if value.dim() == 1:  # a bias entry: input 1 on every token
-                return value * float(inputs.count) ** 0.5
+            if weight.dim() == 1:  # a bias entry: input 1 on every token
+                return weight.abs().to(torch.float64).cpu() * float(inputs.count) ** 0.5
             norms = input_norms(inputs)
-            return value @ norms if member.dim == 0 else value.sum(0) * norms
+            if member.dim == 0:  # a row's |w| weighted by the norm of the input each column reads
+                scaled = norms.to(weight.device)
+                return positionwise_sum(lambda w: w.abs().to(torch.float64) * scaled, (weight,), 0).cpu()
+            return positionwise_sum(torch.abs, (weight,), 1).cpu() * norms
 
         return {"fine": {level: units.reduce(level, per_position) for level in LEVELS}}
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..scoring.calibration import CalibrationStats
+from ..units.positionwise import positionwise_sum
 from ..units.table import Member, UnitTable
 from ..vocabulary import LEVELS
 from .base import Estimator, Scores
@@ -47,10 +48,11 @@ class FluctuationEstimator(Estimator):
         params = dict(model.named_parameters())
 
         def per_position(member: Member) -> torch.Tensor:
-            weight = params[member.param_name].detach().to(torch.float64).cpu()
+            weight = params[member.param_name].detach()
             if member.dim != 1 or weight.dim() != 2:  # only the columns of "in" projections count
                 return torch.zeros(member.owner.numel(), dtype=torch.float64)
-            return stats.activations[member.module_path].variance * (weight**2).sum(0)
+            squares = positionwise_sum(lambda w: w.to(torch.float64) ** 2, (weight,), 1).cpu()
+            return stats.activations[member.module_path].variance * squares
 
         return {"coarse": {level: units.reduce(level, per_position) for level in LEVELS}}
 

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..scoring.calibration import CalibrationStats
+from ..units.positionwise import positionwise_sum
 from ..units.table import UnitTable
 from ..vocabulary import LEVELS
 from .base import Estimator, Scores
@@ -35,8 +36,7 @@ class MagnitudeEstimator(Estimator):
         power = 1 if self.norm == "l1" else 2
 
         def per_position(member):
-            values = params[member.param_name].detach().abs() ** power
-            return values.sum(dim=1 - member.dim) if values.dim() == 2 else values
+            return positionwise_sum(lambda w: w.abs() ** power, (params[member.param_name].detach(),), member.dim)
 
         scores = {level: units.reduce(level, per_position) for level in LEVELS}
         if power == 2:

@@ -43,12 +43,12 @@ def _wg(w, g):
 
 
 def _abs_wg(w, g):
-    return (w * g).abs()
+    return (w * g).abs_()
 
 
 def _abs_wg_fisher(w, g):
     wg = w * g
-    return (wg - 0.5 * wg * wg).abs()
+    return (wg - 0.5 * wg * wg).abs_()
 
 
 class TaylorEstimator(Estimator):

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ..errors import CalibrationError
 from . import distributed
 from ..units.model_state import preserved
+from ..units.positionwise import positionwise_sum
 from ..units.table import Member, UnitTable
 from ..vocabulary import LEVELS, Level
 
@@ -369,8 +370,7 @@ def gradient_hooks(model: nn.Module, table: UnitTable, terms: list[GradientTerm]
             dim = _entries[0][2].dim  # a parameter is pruned along the same dimension at every level
             current = record()
             for term in terms:
-                values = term.fn(w, g)
-                per_position = (values.sum(dim=1 - dim) if values.dim() == 2 else values).to(torch.float64).cpu()
+                per_position = positionwise_sum(term.fn, (w, g), dim).cpu()
                 if term.per_position:
                     key = (term.name, _name)
                     current.positions[key] = current.positions[key] + per_position if key in current.positions \
