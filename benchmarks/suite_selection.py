@@ -14,9 +14,8 @@ History: the first run used BIG-bench's prompt and capped every task at 12,000 t
 IQa items, too few to tell 0.40 from a chance of 0.33 by three standard errors (that takes about 200), and
 no task passed. The second raised the cap to 60,000 tokens: Social IQa, 354 items, scored 0.384 with
 BIG-bench's prompt (z = +1.9), while the plain format is the one pruning papers report (LLM-Pruner's and
-the seed paper's suites run through lm-eval, which does not list the choices) and the one a 135M model
-can answer (a list of choices before "A:" is a format it was not trained on). So this selection uses the
-papers' format; the rule is unchanged. The rule, fixed before measuring:
+the seed paper's suites run through lm-eval, which does not list the choices). So this selection uses
+the papers' format, chosen on the dense model before any pruned model was scored; the rule is unchanged. The rule, fixed before measuring:
 
 - metric: raw accuracy when every item offers the same labels (yes/no, True/False, ...), length-
   normalised accuracy when the choices are free text that differs per item (``adaprune.tools.suite.choose_metric``);
@@ -51,6 +50,7 @@ from adaprune.tools.suite import (SUITES_DIR, chance_level, choose_metric, const
 
 RESULTS = ROOT / "benchmarks" / "results"
 Z = 3.0  # standard errors above the baseline
+OTHER_PROMPT = {"plain": "bigbench", "bigbench": "plain"}  # what --compare scores besides the chosen format
 
 
 def task_paths(data_dir: Path) -> list[str]:
@@ -97,8 +97,7 @@ def main() -> int:
         row: dict = {"name": name, "path": path}
         limit = items_within_budget(tokenizer, load_task_examples(data_dir / path, prompt=args.prompt, limit=args.limit),
                                     args.token_budget)
-        other = "bigbench" if args.prompt == "plain" else "plain"
-        for prompt in (args.prompt, other) if args.compare else (args.prompt,):
+        for prompt in (args.prompt, OTHER_PROMPT[args.prompt]) if args.compare else (args.prompt,):
             examples = load_task_examples(data_dir / path, prompt=prompt, limit=limit)
             start = time.perf_counter()
             scores = multiple_choice(model, tokenizer, examples)
@@ -189,7 +188,7 @@ def markdown(result: dict, prompt: str, compare: bool) -> str:
     ]
     header = "| task | items | chance | baseline | acc | acc_norm | metric | z | kept |"
     sep = "|---|---:|---:|---:|---:|---:|---|---:|---|"
-    other = "bigbench" if prompt == "plain" else "plain"
+    other = OTHER_PROMPT[prompt]
     if compare:
         header += f" {other} acc | {other} acc_norm |"
         sep += "---:|---:|"

@@ -28,7 +28,8 @@ class FusionContext:
     """What a fusion policy may use besides the candidates.
 
     `model` is the dense model: a policy may run it (with hooks it removes again) but must leave
-    it exactly as it was. `levels` are the levels whose units the budget may remove; `batches` the
+    it exactly as it was. With offload it is the model with its decoder layers read from disk at
+    each forward (`streaming.offloaded`), which the policy need not know. `levels` are the levels whose units the budget may remove; `batches` the
     calibration token batches of this planning call (empty when there are none); `select(scores)`
     runs the allocation, bound to the budget, on fused scores and returns what it would remove;
     `fixed_counts` says whether that allocation removes the same number of units from a site

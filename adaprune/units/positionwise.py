@@ -5,7 +5,7 @@ Computed on the whole matrix at once, the function's result is a temporary as la
 above glibc's mmap threshold every such temporary is a fresh mapping, page-faulted in, and out of
 the CPU's cache, which made this elementwise work several times slower per element for the
 matrices of 1B-parameter models than for those of 135M ones (time growing faster than the model).
-In chunks of about a megabyte the temporaries stay on the heap and in cache. A row's sum is taken
+In chunks of about a megabyte the temporaries are small and stay in cache. A row's sum is taken
 whole, in the function's dtype, as before; sums over rows add the chunks' partial sums in float64.
 """
 
