@@ -366,25 +366,30 @@ class Pruner:
             slice_model(plan, self.model, table, shift_biases=False)  # the mask added the bias shifts
             sync_config(self.model, self.spec, plan.pruned_shapes())
 
-    def save(self, plan: Plan, out: str | os.PathLike[str], tokenizer: Any = None, overwrite: bool = False) -> None:
+    def save(self, plan: Plan, out: str | os.PathLike[str], tokenizer: Any = None, overwrite: bool = False,
+             calibration: Iterable | None = None) -> None:
         """Apply `plan` (slicing, then the stages) and write the pruned checkpoint to `out`, atomically.
 
         The folder holds the weights, the config (and the generated modeling file for per-layer
         shapes), the tokenizer when given, and the plan (`adaprune_plan.json`). With offload, the
         layers are sliced and written one at a time as safetensors shards, never all in memory.
+        `calibration` is what the stages (reconstruction) read, as in `apply`; by default the
+        batches of the `plan()` call that made `plan`.
         """
         with atomic_directory(out, overwrite=overwrite) as folder:
             if self.weights is not None:
                 table = UnitTable(self.model, self.spec)
                 reconstruct = next((s for s in self.stages if isinstance(s, ReconstructStage)), None)
-                batches = self._planned[1] if self._planned is not None and self._planned[0] is plan else []
+                batches = self._batches(calibration, None)
+                if not batches and self._planned is not None and self._planned[0] is plan:
+                    batches = self._planned[1]
                 with self._timed("slice"):
                     report = write_streamed(self.model, table, plan, self.weights, folder, reconstruct, batches,
                                             self.progress)
                 if report is not None:
                     plan.stages[reconstruct.name] = report
             else:
-                self.apply(plan, mode="slice")
+                self.apply(plan, mode="slice", calibration=calibration)
                 self.model.save_pretrained(folder)
             if tokenizer is not None:
                 tokenizer.save_pretrained(folder)

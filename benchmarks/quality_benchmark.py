@@ -10,7 +10,7 @@ ratio (fraction of the prunable parameters removed):
 
 1. ``default, no reconstruction``: adaprune's defaults with ``reconstruct=False``;
 2. ``default``: adaprune's defaults (weight reconstruction on);
-3. ``default + recovery``: then LoRA recovery (adaprune.recover) on calibration text;
+3. ``default + recovery``: then LoRA recovery (adaprune.recover) on calibration-split text;
 4. ``FLAP recipe``: fluctuation scores, global allocation (FLAP's adaptive structure), and the
    compensation FLAP's bias gives where the model has one (Llama has none: reconstruction
    without bias stands in; see the table's note);
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import os
 
@@ -36,7 +37,7 @@ from typing import Any
 
 import torch
 
-from adaprune import Pruner
+from adaprune import Pruner, recover
 from adaprune.io import write_text
 from adaprune.tools.data import _token_stream, load_smollm2, test_token_stream, token_batches, wiki_texts
 from adaprune.tools.evaluate import perplexity
@@ -82,11 +83,11 @@ def evaluate(model, tokenizer, texts: dict[str, torch.Tensor], args) -> dict[str
 
 
 def recover_model(model, dense, batches, args) -> dict[str, Any]:
-    from adaprune.stages.recover import RecoveryReport, recover
+    from adaprune.stages.recover import RecoveryReport
 
     start = time.perf_counter()
     report = RecoveryReport()
-    recover(model, batches, steps=args.recovery_steps, objective=args.recovery_objective,
+    recover(model, batches, steps=args.recovery_steps, objective=args.recovery_objective, lr=args.recovery_lr,
             batch_size=args.recovery_batch, teacher=dense if args.recovery_objective == "kl" else None,
             progress=True, report=report)
     record = report.to_dict()
@@ -101,9 +102,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=64, help="evaluation windows of 128 tokens per text")
     parser.add_argument("--windows-512", type=int, default=16, help="evaluation windows of 512 tokens per text")
     parser.add_argument("--suite-items", type=int, default=100, help="items per zero-shot task (0 skips it)")
+    parser.add_argument("--reconstruct-samples", type=int, default=128,
+                        help="calibration rows the reconstruction reads (the plan reads --calib-samples)")
     parser.add_argument("--recovery-steps", type=int, default=200)
     parser.add_argument("--recovery-objective", default="kl", choices=("kl", "lm"))
     parser.add_argument("--recovery-batch", type=int, default=1, help="calibration rows per recovery step")
+    parser.add_argument("--recovery-lr", type=float, default=inspect.signature(recover).parameters["lr"].default)
+    parser.add_argument("--recovery-samples", type=int, default=800,
+                        help="recovery text: windows of 128 tokens of the Wikipedia calibration split, as "
+                             "`adaprune recover` takes by default (0: the calibration batches themselves)")
     parser.add_argument("--configs", default=None, help="comma-separated subset of the configuration labels")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--out", default=str(RESULTS / "quality"))
@@ -113,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
-        args.calib_samples, args.windows, args.windows_512, args.suite_items, args.recovery_steps = 8, 4, 1, 5, 4
+        (args.calib_samples, args.windows, args.windows_512, args.suite_items, args.recovery_steps,
+         args.recovery_samples, args.reconstruct_samples) = 8, 4, 1, 5, 4, 8, 8
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.add_suite:
@@ -123,9 +131,18 @@ def main(argv: list[str] | None = None) -> int:
     texts_ = wiki_texts("calibration")
     calibration = token_batches(tokenizer, texts_, seq_len=128, num_samples=args.calib_samples, batch_size=4)
     llm_pruner_calibration = token_batches(tokenizer, texts_, seq_len=64, num_samples=10, batch_size=10)
+    # The reconstruction reads more rows than the plan (its default: 128); the first are the plan's own.
+    reconstruction_rows = token_batches(tokenizer, texts_, seq_len=128, batch_size=4,
+                                        num_samples=max(args.calib_samples, args.reconstruct_samples))
+    recovery_text = calibration if not args.recovery_samples else token_batches(
+        tokenizer, texts_, seq_len=128, num_samples=args.recovery_samples, batch_size=args.recovery_samples)
     texts = streams(tokenizer, args)
     meta = {"command": " ".join(["quality_benchmark.py", *(argv if argv is not None else sys.argv[1:])]),
-            "calibration": f"{args.calib_samples} x 128 Wikipedia calibration tokens (LLM-Pruner: 10 x 64)",
+            "calibration": f"{args.calib_samples} x 128 Wikipedia calibration tokens for the plan (LLM-Pruner: 10 x 64), "
+                           f"{max(args.calib_samples, args.reconstruct_samples)} x 128 for the reconstruction",
+            "recovery": f"{args.recovery_steps} steps of {args.recovery_batch} x 128 tokens, lr {args.recovery_lr:g}, "
+                        f"{args.recovery_objective}, on " + (f"{args.recovery_samples} windows of the Wikipedia "
+                        "calibration split" if args.recovery_samples else "the calibration batches"),
             "evaluation": f"{args.windows} windows of 128 and {args.windows_512} of 512 tokens per text; "
                           f"suite: first {args.suite_items} items per task", "threads": args.threads,
             "defaults": Pruner.__init__.__defaults__ and None, "finished": False}
@@ -161,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             with PeakRSS() as memory:
                 start = time.perf_counter()
                 pruner = Pruner(model, ratio=ratio, progress=True, **{**settings, "reconstruct": reconstruct})
-                pruner.apply(plan, calibration=batches)
+                pruner.apply(plan, calibration=reconstruction_rows if batches is calibration else batches)
                 row = {"config": name, "ratio": ratio, "prune_seconds": round(planning + time.perf_counter() - start, 1),
                        "params": sum(p.numel() for p in model.parameters()),
                        "prunable_fraction_removed": plan.params["prunable_fraction_removed"],
@@ -170,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             finish(model, {**row, "peak_rss_mb": round(memory.peak / 2**20, 1)})
         if recovered:
             with PeakRSS() as memory:
-                row = {**row, "config": recovered, **recover_model(model, dense, calibration, args)}
+                row = {**row, "config": recovered, **recover_model(model, dense, recovery_text, args)}
             finish(model, {**row, "peak_rss_mb": round(memory.peak / 2**20, 1)})
         del model
 
@@ -224,7 +241,8 @@ def write_results(payload: dict[str, Any], out: Path) -> None:
     columns = [k for k in ("wiki_ppl128", "wiki_ppl512", "debian_ppl128", "debian_ppl512", "fortunes_ppl128",
                            "fortunes_ppl512", "suite_average") if any(k in r for r in rows)]
     lines = ["# Quality benchmark: SmolLM2-135M-Instruct", "", f"Command: `{payload['meta']['command']}`. "
-             f"{payload['meta']['calibration']}; {payload['meta']['evaluation']}.", "",
+             f"{payload['meta']['calibration']}; {payload['meta']['evaluation']}; recovery: "
+             f"{payload['meta'].get('recovery', 'the calibration batches')}.", "",
              "Perplexity (lower is better) with its multiple of dense in brackets; suite: average accuracy.", "",
              "| ratio | configuration | params | " + " | ".join(columns) + " | prune s | recovery s | peak RSS MB |",
              "|---|---|---:|" + "---:|" * len(columns) + "---:|---:|---:|"]

@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/recovery_benchmark.py timing
     OMP_NUM_THREADS=1 python benchmarks/recovery_benchmark.py quality --steps 200
+    OMP_NUM_THREADS=1 python benchmarks/recovery_benchmark.py holdout --ratio 0.2
 
 `timing` measures seconds per recovery step (objective lm and kl) for thread counts and batch sizes.
 `quality` prunes SmolLM2 (Pruner(model, ratio=0.2) defaults, 32 x 128 Wikipedia calibration tokens),
@@ -9,6 +10,8 @@ then recovers copies of the pruned model with each objective on Wikipedia *calib
 the test split), recording the loss on a hold-out of the calibration split during training; and
 measures perplexity (windows of 128) on the Wikipedia test split and on the first windows of the two
 other-domain texts in ../shared/data/text (test only: no setting is chosen on them).
+`holdout` compares recovery settings (steps, batch, lr) on the calibration hold-out alone: how the
+defaults of `recover` were chosen.
 """
 
 from __future__ import annotations
@@ -115,6 +118,38 @@ def cmd_quality(args) -> dict:
     return result
 
 
+def cmd_holdout(args) -> dict:
+    """Recovery settings compared on the calibration hold-out alone (the objective and the next-token
+    perplexity on its windows): how the defaults of `recover` were chosen. No test text is read."""
+    torch.set_num_threads(args.threads)
+    dense, tokenizer = load_smollm2()
+    texts = wiki_texts("calibration")
+    calibration = token_batches(tokenizer, texts, seq_len=128, num_samples=32, batch_size=4)
+    pruned = copy.deepcopy(dense)
+    pruner = Pruner(pruned, ratio=args.ratio, progress=False)
+    pruner.apply(pruner.plan(calibration))
+    train, held = split_calibration(tokenizer, 128, args.samples, args.hold_out)
+    flat = torch.cat(held).flatten()
+    result: dict = {"settings": vars(args) | {"func": None},
+                    "hold_out_perplexity": {"dense": perplexity(dense, flat, seq_len=128)["perplexity"],
+                                            "pruned": perplexity(pruned, flat, seq_len=128)["perplexity"]},
+                    "runs": []}
+    print(result["hold_out_perplexity"], flush=True)
+    for setting in args.settings:
+        steps, batch_size, lr = (float(x) for x in setting.split(","))
+        text = calibration if args.on_calibration else train
+        model = copy.deepcopy(pruned)
+        report = RecoveryReport()
+        recover(model, text, steps=int(steps), batch_size=int(batch_size), lr=lr, objective="kl", teacher=dense,
+                validation=held, eval_every=50, progress=False, report=report)
+        run = {"steps": int(steps), "batch_size": int(batch_size), "lr": lr, "seconds": round(report.seconds),
+               "validation_kl": report.validation,
+               "hold_out_perplexity": perplexity(model, flat, seq_len=128)["perplexity"]}
+        result["runs"].append(run)
+        print(run, flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -135,6 +170,16 @@ def main() -> None:
     quality.add_argument("--windows", type=int, default=96, help="test windows of 128 per text")
     quality.add_argument("--threads", type=int, default=1)
     quality.set_defaults(func=cmd_quality)
+    holdout = sub.add_parser("holdout")
+    holdout.add_argument("--ratio", type=float, default=0.2)
+    holdout.add_argument("--settings", nargs="+", default=["100,1,5e-4", "100,1,2e-3", "100,4,1e-3"],
+                         help="steps,batch_size,lr of each recovery")
+    holdout.add_argument("--samples", type=int, default=800, help="training windows of 128 calibration tokens")
+    holdout.add_argument("--on-calibration", action="store_true",
+                         help="train on the 32 calibration windows instead (the quality benchmark's first protocol)")
+    holdout.add_argument("--hold-out", type=int, default=32, help="hold-out windows from the calibration split")
+    holdout.add_argument("--threads", type=int, default=1)
+    holdout.set_defaults(func=cmd_holdout)
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     result = args.func(args)

@@ -265,6 +265,7 @@ def tiny_demo(monkeypatch, root):
         word_tokenizer()(" ".join([sentence] * 10))["input_ids"]))
     monkeypatch.setattr(demo, "SEQ_LEN", 8)
     monkeypatch.setattr(demo, "CALIBRATION_SAMPLES", 4)
+    monkeypatch.setattr(demo, "RECONSTRUCTION_SAMPLES", 8)
     monkeypatch.setattr(demo, "EVAL_WINDOWS", 2)
     monkeypatch.setattr(demo, "SPEEDS", {})
     return demo

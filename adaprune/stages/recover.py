@@ -187,7 +187,7 @@ def recover(
     steps: int = 200,
     rank: int = 8,
     alpha: float = 16.0,
-    lr: float = 5e-4,
+    lr: float = 1e-3,
     batch_size: int | None = 4,
     seq_len: int = 128,
     samples: int | None = None,

@@ -247,8 +247,9 @@ def _prune(args: argparse.Namespace, Pruner, token_batches, distributed) -> int:
     if not distributed.is_main():
         return 0  # every rank planned the same; rank 0 applies, reconstructs and saves
     out = Path(args.out)
+    refit_rows = _reconstruction_rows(pruner, tokenizer, checked["texts"], args, token_batches)
     # The checkpoint appears whole or not at all; an old one (--overwrite) goes only once the new one is complete.
-    pruner.save(plan, out, tokenizer, overwrite=True)
+    pruner.save(plan, out, tokenizer, overwrite=True, calibration=refit_rows)
     report = pruner.report(plan)
     report["stage_seconds"] = {"load": round(load_seconds, 3), **report["stage_seconds"]}
     if args.report:
@@ -257,6 +258,26 @@ def _prune(args: argparse.Namespace, Pruner, token_batches, distributed) -> int:
           f"({report['fraction_removed']:.1%} removed; {report['prunable_fraction_removed']:.1%} of the prunable "
           f"ones for ratio {args.ratio:g}); saved to {out}")
     return 0
+
+
+def _reconstruction_rows(pruner, tokenizer, texts: list[str], args: argparse.Namespace,
+                         token_batches) -> list | None:
+    """The calibration rows the reconstruction reads: more than the plan's when the text has them.
+
+    On the calibration hold-out the plan was best from 32 rows and the refit from 128 (its default
+    `samples`; docs/pipeline.md §9), so the refit reads the same stream further on. None (the plan's
+    own rows) when there is no reconstruction or it wants no more rows.
+    """
+    wanted = max((getattr(stage, "samples", 0) for stage in pruner.stages if stage.name == "reconstruct"), default=0)
+    if wanted <= args.samples:
+        return None
+    try:
+        return token_batches(tokenizer, texts, seq_len=args.seq_len, num_samples=wanted, batch_size=args.batch_size)
+    except ValueError:  # a short text: the refit reads the plan's rows
+        print(f"adaprune: the calibration text holds fewer than {wanted} windows of {args.seq_len} tokens; the "
+              f"reconstruction reads the plan's {args.samples} (give more text with --calib for a better refit).",
+              file=sys.stderr)
+        return None
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -520,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--no-reconstruct", dest="reconstruct", action="store_false", default=bool(DEFAULTS.reconstruct),
                        help="skip the weight reconstruction after the cut (on by default)")
     prune.add_argument("--reconstruct-options", default=None,
-                       help='JSON options of the reconstruction, e.g. \'{"damping": 1.0, "anchor": "dense"}\' (the defaults)')
+                       help='JSON options of the reconstruction, e.g. \'{"damping": 0.3, "anchor": "dense"}\' (the defaults)')
     prune.add_argument("--calib", default=None,
                        help="calibration text: JSON list of strings or text split on blank lines "
                             "(default: the Wikipedia calibration split)")
@@ -584,7 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     recover.add_argument("--steps", type=int, default=200)
     recover.add_argument("--rank", type=int, default=8, help="LoRA rank")
     recover.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scale alpha / rank)")
-    recover.add_argument("--lr", type=float, default=5e-4)
+    recover.add_argument("--lr", type=float, default=1e-3)
     recover.add_argument("--samples", type=int, default=800, help="training windows of --seq-len tokens")
     recover.add_argument("--seq-len", type=int, default=128)
     recover.add_argument("--batch-size", type=int, default=4)

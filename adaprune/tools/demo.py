@@ -19,7 +19,8 @@ from ..io import atomic_directory, check_output_folder
 from ..pipeline import Pruner
 from ..plan import PLAN_FILE
 
-CALIBRATION_SAMPLES = 32
+CALIBRATION_SAMPLES = 32  # the plan's rows
+RECONSTRUCTION_SAMPLES = 128  # the refit's (the same stream, further on): both chosen on the calibration hold-out
 SEQ_LEN = 128
 EVAL_WINDOWS = 96
 
@@ -89,9 +90,11 @@ def run_demo(out: str = "out/smollm2-pruned", ratio: float = 0.2, overwrite: boo
     dense = copy.deepcopy(model)  # kept for the side-by-side speed measurement
     batches = token_batches(tokenizer, wiki_texts("calibration"), seq_len=SEQ_LEN,
                             num_samples=CALIBRATION_SAMPLES, batch_size=4)
+    refit_rows = token_batches(tokenizer, wiki_texts("calibration"), seq_len=SEQ_LEN,
+                               num_samples=max(RECONSTRUCTION_SAMPLES, CALIBRATION_SAMPLES), batch_size=4)
     pruner = Pruner(model, ratio=ratio)  # the defaults: the best configuration of the quality benchmark
     plan = pruner.plan(batches)
-    pruner.apply(plan)
+    pruner.apply(plan, calibration=refit_rows)
     after = quality(model, stream)
     dense_speed, pruned_speed = speeds(dense, model)
     before.update(dense_speed)
