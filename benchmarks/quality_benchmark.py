@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from adaprune import Pruner, recover
+from adaprune import Pruner, RecoveryReport, recover
 from adaprune.io import write_text
 from adaprune.tools.data import _token_stream, load_smollm2, test_token_stream, token_batches, wiki_texts
 from adaprune.tools.evaluate import perplexity
@@ -83,8 +83,6 @@ def evaluate(model, tokenizer, texts: dict[str, torch.Tensor], args) -> dict[str
 
 
 def recover_model(model, dense, batches, args) -> dict[str, Any]:
-    from adaprune.stages.recover import RecoveryReport
-
     start = time.perf_counter()
     report = RecoveryReport()
     recover(model, batches, steps=args.recovery_steps, objective=args.recovery_objective, lr=args.recovery_lr,

@@ -274,7 +274,7 @@ def _reconstruction_rows(pruner, tokenizer, texts: list[str], args: argparse.Nam
     try:
         return token_batches(tokenizer, texts, seq_len=args.seq_len, num_samples=wanted, batch_size=args.batch_size)
     except ValueError:  # a short text: the refit reads the plan's rows
-        print(f"adaprune: the calibration text holds fewer than {wanted} windows of {args.seq_len} tokens; the "
+        print(f"note: the calibration text holds fewer than {wanted} windows of {args.seq_len} tokens; the "
               f"reconstruction reads the plan's {args.samples} (give more text with --calib for a better refit).",
               file=sys.stderr)
         return None
