@@ -192,12 +192,21 @@ def test_offload_refusals(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_offload_equals_in_memory(tmp_path, capsys):
+def _cli_checkpoint(tmp_path, sentences: int):
+    """A tiny Llama checkpoint with a tokenizer, and a calibration text of `sentences` sentences."""
     family = next(f for f in FAMILIES if f.name == "llama")
     _, dense = _checkpoint(family, tmp_path)
     word_tokenizer().save_pretrained(dense)
     text = tmp_path / "calib.txt"
-    text.write_text("\n\n".join(["the cat sat on a mat . the dog ran home"] * 30))
+    text.write_text("\n\n".join([SENTENCE] * sentences))
+    return dense, text
+
+
+SENTENCE = "the cat sat on a mat . the dog ran home"
+
+
+def test_cli_offload_equals_in_memory(tmp_path, capsys):
+    dense, text = _cli_checkpoint(tmp_path, 30)
     common = [str(dense), "--calib", str(text), "--samples", "4", "--seq-len", "16", "--ratio", "0.3"]
     assert cli_main(["prune", *common, "--out", str(tmp_path / "mem")]) == 0
     assert cli_main(["prune", *common, "--offload", "--out", str(tmp_path / "streamed")]) == 0
@@ -210,11 +219,7 @@ def test_cli_offload_equals_in_memory(tmp_path, capsys):
 def test_cli_refit_reads_more_rows_than_the_plan_in_memory_and_streamed(tmp_path, capsys):
     """The plan reads --samples rows, the reconstruction its default 128 from the same text (or the plan's
     rows, with a note, when the text is too short); offload reads the same rows as in memory."""
-    family = next(f for f in FAMILIES if f.name == "llama")
-    _, dense = _checkpoint(family, tmp_path)
-    word_tokenizer().save_pretrained(dense)
-    text = tmp_path / "calib.txt"
-    text.write_text("\n\n".join(["the cat sat on a mat . the dog ran home"] * 120))
+    dense, text = _cli_checkpoint(tmp_path, 120)
     common = [str(dense), "--calib", str(text), "--samples", "4", "--seq-len", "8", "--ratio", "0.3"]
     assert cli_main(["prune", *common, "--out", str(tmp_path / "mem")]) == 0
     assert cli_main(["prune", *common, "--offload", "--out", str(tmp_path / "streamed")]) == 0
@@ -223,7 +228,7 @@ def test_cli_refit_reads_more_rows_than_the_plan_in_memory_and_streamed(tmp_path
         assert plan["stages"]["reconstruct"]["rows"] == 128, folder
     ids = _batches(seed=3)[0]
     assert torch.equal(_logits(tmp_path / "streamed", ids), _logits(tmp_path / "mem", ids))
-    text.write_text("\n\n".join(["the cat sat on a mat . the dog ran home"] * 10))
+    text.write_text("\n\n".join([SENTENCE] * 10))
     capsys.readouterr()
     assert cli_main(["prune", *common, "--out", str(tmp_path / "short")]) == 0
     assert "the reconstruction reads the plan's 4" in capsys.readouterr().err

@@ -268,7 +268,9 @@ def _reconstruction_rows(pruner, tokenizer, texts: list[str], args: argparse.Nam
     `samples`; docs/pipeline.md §9), so the refit reads the same stream further on. None (the plan's
     own rows) when there is no reconstruction or it wants no more rows.
     """
-    wanted = max((getattr(stage, "samples", 0) for stage in pruner.stages if stage.name == "reconstruct"), default=0)
+    from ..stages.reconstruct import ReconstructStage
+
+    wanted = max((stage.samples for stage in pruner.stages if isinstance(stage, ReconstructStage)), default=0)
     if wanted <= args.samples:
         return None
     try:

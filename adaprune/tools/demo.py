@@ -88,10 +88,9 @@ def run_demo(out: str = "out/smollm2-pruned", ratio: float = 0.2, overwrite: boo
     stream = test_token_stream(tokenizer)
     before = quality(model, stream)
     dense = copy.deepcopy(model)  # kept for the side-by-side speed measurement
-    batches = token_batches(tokenizer, wiki_texts("calibration"), seq_len=SEQ_LEN,
-                            num_samples=CALIBRATION_SAMPLES, batch_size=4)
     refit_rows = token_batches(tokenizer, wiki_texts("calibration"), seq_len=SEQ_LEN,
                                num_samples=max(RECONSTRUCTION_SAMPLES, CALIBRATION_SAMPLES), batch_size=4)
+    batches = list(torch.cat(refit_rows)[:CALIBRATION_SAMPLES].split(4))  # the plan's: the first rows
     pruner = Pruner(model, ratio=ratio)  # the defaults: the best configuration of the quality benchmark
     plan = pruner.plan(batches)
     pruner.apply(plan, calibration=refit_rows)
