@@ -10,8 +10,10 @@ then recovers copies of the pruned model with each objective on Wikipedia *calib
 the test split), recording the loss on a hold-out of the calibration split during training; and
 measures perplexity (windows of 128) on the Wikipedia test split and on the first windows of the two
 other-domain texts in ../shared/data/text (test only: no setting is chosen on them).
-`holdout` compares recovery settings (steps, batch, lr) on the calibration hold-out alone: how the
-defaults of `recover` were chosen.
+`holdout` compares recovery settings (steps, batch, lr, and windows sampled from the dense model
+itself: `recover(generated=...)`) on the calibration hold-out alone: how the defaults of `recover`
+were chosen. With `--dev` also on two dev sets that are no test set: the docstrings of Python's
+standard library (domain shift) and Social IQa items 1354-1953 (the suite scores items 0-499).
 """
 
 from __future__ import annotations
@@ -134,20 +136,45 @@ def cmd_holdout(args) -> dict:
                     "hold_out_perplexity": {"dense": perplexity(dense, flat, seq_len=128)["perplexity"],
                                             "pruned": perplexity(pruned, flat, seq_len=128)["perplexity"]},
                     "runs": []}
+    dev = dev_sets(tokenizer) if args.dev else None
+    if dev:
+        result["dev"] = {"dense": dev_scores(dense, tokenizer, *dev), "pruned": dev_scores(pruned, tokenizer, *dev)}
+        print(result["dev"], flush=True)
     print(result["hold_out_perplexity"], flush=True)
     for setting in args.settings:
-        steps, batch_size, lr = (float(x) for x in setting.split(","))
-        text = calibration if args.on_calibration else train
+        steps, batch_size, lr, *more = (float(x) for x in setting.split(","))
+        generated = int(more[0]) if more else 0
+        text = calibration if args.on_calibration else [torch.cat(train)[: args.samples - generated]]
         model = copy.deepcopy(pruned)
         report = RecoveryReport()
         recover(model, text, steps=int(steps), batch_size=int(batch_size), lr=lr, objective="kl", teacher=dense,
-                validation=held, eval_every=50, progress=False, report=report)
-        run = {"steps": int(steps), "batch_size": int(batch_size), "lr": lr, "seconds": round(report.seconds),
-               "validation_kl": report.validation,
+                generated=generated, validation=held, eval_every=50, progress=False, report=report)
+        run = {"steps": int(steps), "batch_size": int(batch_size), "lr": lr, "generated": generated,
+               "seconds": round(report.seconds), "validation_kl": report.validation,
                "hold_out_perplexity": perplexity(model, flat, seq_len=128)["perplexity"]}
+        if dev:
+            run["dev"] = dev_scores(model, tokenizer, *dev)
         result["runs"].append(run)
         print(run, flush=True)
     return result
+
+
+def dev_sets(tokenizer):
+    """The docstrings (a domain-shift dev text) and the Social IQa items no suite result reads."""
+    from holdout_selection import docstring_stream
+
+    from adaprune.tools.suite import default_data_dir, load_task_examples
+
+    social = load_task_examples(default_data_dir() / "social_iqa" / "task.json", prompt="plain")[1354:1954]
+    return docstring_stream(tokenizer), social
+
+
+def dev_scores(model, tokenizer, docstrings, social) -> dict:
+    from adaprune.tools.evaluate import multiple_choice
+
+    choice = multiple_choice(model, tokenizer, social)
+    return {"docstrings_perplexity": perplexity(model, docstrings, seq_len=128)["perplexity"],
+            "social_iqa_dev": choice["accuracy_norm"], "social_iqa_dev_stderr": choice["accuracy_norm_stderr"]}
 
 
 def main() -> None:
@@ -173,11 +200,13 @@ def main() -> None:
     holdout = sub.add_parser("holdout")
     holdout.add_argument("--ratio", type=float, default=0.2)
     holdout.add_argument("--settings", nargs="+", default=["100,1,5e-4", "100,1,2e-3", "100,4,1e-3"],
-                         help="steps,batch_size,lr of each recovery")
+                         help="steps,batch_size,lr[,generated] of each recovery (generated: windows sampled "
+                              "from the dense model, in place of as many of the --samples text windows)")
     holdout.add_argument("--samples", type=int, default=800, help="training windows of 128 calibration tokens")
     holdout.add_argument("--on-calibration", action="store_true",
                          help="train on the 32 calibration windows instead (the quality benchmark's first protocol)")
     holdout.add_argument("--hold-out", type=int, default=32, help="hold-out windows from the calibration split")
+    holdout.add_argument("--dev", action="store_true", help="also the docstrings and Social IQa dev items")
     holdout.add_argument("--threads", type=int, default=1)
     holdout.set_defaults(func=cmd_holdout)
     parser.add_argument("--json", default=None, help="write the results here")

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from adaprune import Pruner, RecoveryError, RecoveryReport, recover
-from adaprune.stages.recover import lora_targets
+from adaprune.stages.recover import lora_targets, teacher_samples
 from adaprune.tools.cli import main
 from conftest import random_batches
 from families import FAMILIES, Shape, build, prune_by_hand
@@ -116,6 +116,22 @@ def test_kl_to_itself_starts_at_zero():
     assert report.losses[0] == pytest.approx(0, abs=1e-6)
 
 
+def test_generated_windows_are_sampled_from_the_teacher_and_join_the_text():
+    teacher = llama()
+    teacher.config.bos_token_id = 7
+    student = prune_by_hand(copy.deepcopy(teacher), remove_channels=[list(range(10))] * 3, remove_kv_groups=[[0]] * 3)
+    text = random_batches(SHAPE.vocab, count=2, batch=4, seq=10)
+    report = RecoveryReport()
+    recover(student, text, teacher=teacher, generated=6, steps=2, progress=False, report=report)
+    assert report.settings["generated"] == 6 and report.settings["training_rows"] == 8 + 6
+    samples = teacher_samples(teacher, 6, seq_len=10, batch_size=4, seed=3)
+    assert [tuple(b.shape) for b in samples] == [(4, 10), (2, 10)]
+    rows = torch.cat(samples)
+    assert (rows[:, 0] == 7).all() and len({tuple(r.tolist()) for r in rows}) > 1  # sampled, not greedy
+    assert torch.equal(rows, torch.cat(teacher_samples(teacher, 6, seq_len=10, batch_size=4, seed=3)))
+    assert not torch.equal(rows, torch.cat(teacher_samples(teacher, 6, seq_len=10, batch_size=4, seed=4)))
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"objective": "kl"}, "pass teacher="),
     ({"objective": "lm", "teacher": "dense"}, "only used by objective='kl'"),
@@ -123,6 +139,8 @@ def test_kl_to_itself_starts_at_zero():
     ({"steps": 0}, "steps must be a positive"),
     ({"lr": -1.0}, "lr and alpha must be positive"),
     ({"blocks": ["embeddings"]}, "Unknown block kind"),
+    ({"generated": 4}, "generated= samples text from the teacher"),
+    ({"generated": -1, "teacher": "dense"}, "generated must be a non-negative integer"),
 ])
 def test_bad_settings_are_refused_with_the_fix(kwargs, message):
     model = llama()
@@ -235,6 +253,7 @@ def test_cli_recover_round_trip(checkpoints, capsys):
     (["--out", "{root}/pruned"], "is the input checkpoint"),
     (["--out", "{root}/dense"], "exists and is not empty; pass --overwrite"),
     (["--out", "{root}/new", "--objective", "kl"], "pass --teacher DENSE"),
+    (["--out", "{root}/new", "--generated", "8"], "--generated samples text from the dense model"),
     (["--out", "{root}/new", "--steps", "0"], "--steps must be a positive"),
     (["--out", "{root}/new", "--samples", "1000"], "not enough text.*fewer --samples"),
     (["--out", "{root}/new", "--text", "{root}/missing.txt"], "missing.txt does not exist"),

@@ -37,7 +37,8 @@ from ..scoring.calibration import as_batches
 from ..specs import ArchSpec
 from .base import Stage, StageContext
 
-__all__ = ["OBJECTIVES", "RecoverStage", "RecoveryError", "RecoveryReport", "lora_targets", "recover"]
+__all__ = ["OBJECTIVES", "RecoverStage", "RecoveryError", "RecoveryReport", "lora_targets", "recover",
+           "teacher_samples"]
 
 OBJECTIVES = ("lm", "kl")
 BLOCKS = ("attention", "mlp")
@@ -138,6 +139,42 @@ def _training_batches(calibration: Iterable, tokenizer: Any, seq_len: int, sampl
     return batches
 
 
+def teacher_samples(teacher: nn.Module, rows: int, seq_len: int, batch_size: int = 4, seed: int = 0,
+                    progress: bool = False) -> list[torch.Tensor]:
+    """`rows` windows of `seq_len` tokens sampled from `teacher` (BOS first, then nucleus sampling at p 0.95).
+
+    Text in the teacher's own distribution, whatever the user's text covers: distilling on it keeps what
+    the dense model does outside the recovery text's domain. Returned as [batch_size, seq_len] batches.
+    """
+    config = teacher.config
+    eos_id = _first(config.eos_token_id)
+    start_id = _first(config.bos_token_id) if config.bos_token_id is not None else eos_id
+    if start_id is None:
+        raise RecoveryError("The teacher's config names no bos_token_id (nor eos_token_id) to start sampling "
+                            "from; drop generated= or set teacher.config.bos_token_id.")
+    device = _device(teacher)
+    was_training = teacher.training
+    teacher.eval()
+    # Generation batches of up to 32 rows: fewer passes than the training batch size would make.
+    sizes = [min(32, rows - done) for done in range(0, rows, 32)]
+    samples = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        torch.manual_seed(seed)
+        for size in tqdm(sizes, desc="sampling from the teacher", disable=not progress):
+            ids = torch.full((size, 1), start_id, dtype=torch.long, device=device)
+            samples.append(teacher.generate(
+                ids, attention_mask=torch.ones_like(ids), do_sample=True, top_p=0.95, top_k=0, temperature=1.0,
+                max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
+                pad_token_id=eos_id if eos_id is not None else start_id).cpu())
+    teacher.train(was_training)
+    return list(torch.cat(samples).split(batch_size))
+
+
+def _first(token_id: int | Sequence[int] | None) -> int | None:
+    """One token id where a config may give several (Llama-3 lists its end tokens)."""
+    return int(token_id[0]) if isinstance(token_id, (list, tuple)) else None if token_id is None else int(token_id)
+
+
 def _text_tokens(tokenizer: Any, texts: list[str], limit: int | None) -> list[int]:
     """Token ids of the texts joined by blank lines (as adaprune's calibration streams are), up to `limit`."""
     separator = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
@@ -200,6 +237,7 @@ def recover(
     max_grad_norm: float = 1.0,
     validation: Iterable | None = None,
     eval_every: int = 50,
+    generated: int = 0,
     seed: int = 0,
     progress: bool = True,
     report: RecoveryReport | None = None,
@@ -224,7 +262,10 @@ def recover(
         blocks: which blocks get adapters, of ``("attention", "mlp")``.
         validation: token-id batches scored with the objective at step 0, every `eval_every` steps and at
             the end, into `report.validation` (for choosing steps and lr on held-out text).
-        seed: seeds the adapters' initialisation and the batch order (the global RNG is left alone).
+        generated: with ``"kl"``, that many further windows sampled from the teacher itself (from its
+            BOS token, nucleus sampling at p 0.95) join the text: the dense model's own distribution as
+            training contexts, so that what it knows beyond the text's domain is distilled too.
+        seed: seeds the adapters' initialisation, the batch order and the sampling (the global RNG is left alone).
         report: a `RecoveryReport` to fill in (steps, tokens, the loss curve, seconds, settings).
 
     The base weights stay frozen, their dtype and device are the model's. On any exception the adapters
@@ -245,6 +286,11 @@ def recover(
     for name, value in (("steps", steps), ("rank", rank), ("seq_len", seq_len), ("eval_every", eval_every)):
         if not isinstance(value, int) or value < 1:
             raise RecoveryError(f"{name} must be a positive integer, got {value!r}.")
+    if not isinstance(generated, int) or isinstance(generated, bool) or generated < 0:
+        raise RecoveryError(f"generated must be a non-negative integer, got {generated!r}.")
+    if generated and objective != "kl":
+        raise RecoveryError("generated= samples text from the teacher, so it needs objective='kl' and teacher=; "
+                            "drop generated= or pass the dense model as teacher.")
     for name, value in (("batch_size", batch_size), ("samples", samples)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise RecoveryError(f"{name} must be a positive integer or None, got {value!r}.")
@@ -261,6 +307,11 @@ def recover(
 
     spec = detect_spec(model)
     batches = _training_batches(calibration, tokenizer, seq_len, samples, batch_size)
+    generation_seconds = 0.0
+    if generated:
+        start = time.perf_counter()
+        batches = batches + teacher_samples(teacher, generated, batches[0].shape[1], batch_size or 4, seed, progress)
+        generation_seconds = round(time.perf_counter() - start, 2)
     held_out = as_batches(validation) if validation is not None else []
     targets = list(_targets) if _targets is not None else lora_targets(model, spec, blocks)
     if not targets:
@@ -270,7 +321,8 @@ def recover(
     report.settings = {"objective": objective, "steps": steps, "rank": rank, "alpha": alpha, "lr": lr,
                        "batch_size": batch_size, "seq_len": seq_len, "samples": samples, "blocks": list(blocks),
                        "dropout": dropout, "weight_decay": weight_decay, "warmup": warmup,
-                       "max_grad_norm": max_grad_norm, "seed": seed, "training_rows": sum(len(b) for b in batches)}
+                       "max_grad_norm": max_grad_norm, "seed": seed, "training_rows": sum(len(b) for b in batches),
+                       "generated": generated, "generation_seconds": generation_seconds}
     report.targets = targets
     device = _device(model)
     if teacher is not None:
@@ -458,4 +510,4 @@ class RecoverStage(Stage):
 
 
 _STAGE_OPTIONS = {"steps", "rank", "alpha", "lr", "batch_size", "seq_len", "samples", "blocks", "dropout",
-                  "weight_decay", "warmup", "max_grad_norm", "validation", "eval_every", "seed"}
+                  "weight_decay", "warmup", "max_grad_norm", "validation", "eval_every", "generated", "seed"}

@@ -407,6 +407,11 @@ def cmd_recover(args: argparse.Namespace) -> int:
             raise AdapruneError(f"{option} must be a positive number, got {value}.")
     if args.seq_len < 2:
         raise AdapruneError(f"--seq-len must be at least 2 (the loss predicts the next token), got {args.seq_len}.")
+    if args.generated < 0:
+        raise AdapruneError(f"--generated must be 0 or more windows, got {args.generated}.")
+    if args.generated and not args.teacher:
+        raise AdapruneError("--generated samples text from the dense model: pass --teacher DENSE too, or drop "
+                            "--generated.")
     texts = _calibration_texts(args.text)
     model, tokenizer = load_model(args.model, args.trust_remote_code)
     teacher = load_model(args.teacher, args.trust_remote_code)[0] if args.teacher else None
@@ -418,7 +423,8 @@ def cmd_recover(args: argparse.Namespace) -> int:
                             "--seq-len.") from error
     report = RecoveryReport()
     recover(model, batches, steps=args.steps, rank=args.rank, alpha=args.alpha, lr=args.lr,
-            batch_size=args.batch_size, objective=args.objective, teacher=teacher, seed=args.seed, report=report)
+            batch_size=args.batch_size, objective=args.objective, teacher=teacher, generated=args.generated,
+            seed=args.seed, report=report)
     record = {"input": str(source), "teacher": args.teacher, "text": args.text or "wikipedia calibration split",
               **report.to_dict()}
     with atomic_directory(out, overwrite=out.exists()) as tmp:
@@ -610,6 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
     recover.add_argument("--lr", type=float, default=1e-3)
     recover.add_argument("--samples", type=int, default=800, help="training windows of --seq-len tokens")
     recover.add_argument("--seq-len", type=int, default=128)
+    recover.add_argument("--generated", type=int, default=0,
+                         help="with --teacher: that many more windows sampled from the dense model itself join "
+                              "the text (keeps more of what it does outside the text's domain; docs/recovery.md)")
     recover.add_argument("--batch-size", type=int, default=4)
     recover.add_argument("--seed", type=int, default=0)
     recover.add_argument("--report", default=None, help="also write the recovery record JSON here")
