@@ -229,13 +229,15 @@ def test_cli_recover_round_trip(checkpoints, capsys):
     files_before = folder_bytes(root / "pruned")
     code = main(["recover", str(root / "pruned"), "--text", str(root / "text.txt"), "--out", str(out),
                  "--teacher", str(root / "dense"), "--steps", "4", "--samples", "8", "--seq-len", "8",
-                 "--batch-size", "2", "--lr", "0.01", "--trust-remote-code", "--report", str(root / "rec.json")])
+                 "--batch-size", "2", "--lr", "0.01", "--generated", "4", "--trust-remote-code",
+                 "--report", str(root / "rec.json")])
     assert code == 0, capsys.readouterr().err
     assert "recovered with kl for 4 steps" in capsys.readouterr().out
     assert {"config.json", "model.safetensors", "tokenizer.json", "adaprune_plan.json",
             "adaprune_recovery.json"} <= {p.name for p in out.iterdir()}
     record = json.loads((out / "adaprune_recovery.json").read_text())
     assert record["steps"] == 4 and len(record["losses"]) == 4 and record["tokens"] == 4 * 2 * 8
+    assert record["settings"]["generated"] == 4 and record["settings"]["training_rows"] == 8 + 4
     assert json.loads((root / "rec.json").read_text()) == record
     pruned = AutoModelForCausalLM.from_pretrained(root / "pruned", trust_remote_code=True).eval()
     recovered = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
