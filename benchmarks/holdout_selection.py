@@ -159,20 +159,24 @@ def anchor_study(model, tokenizer, stream, calibration, holdout, ratios, labels)
 
 def iterative_study(dense, stream, calibration, holdout, ratios, steps, shift) -> int:
     rows = list(stream[: 128 * 128].view(128, 128).split(4))  # the reconstruction's 128 rows, as the CLI gives
-    prunable = UnitTable(dense, detect_spec(dense)).prunable_count()
+
+    def prunable_left(model) -> int:
+        return UnitTable(model, detect_spec(model)).prunable_count()
+
+    prunable = prunable_left(dense)
     results = {}
     for ratio in ratios:
         model = copy.deepcopy(dense)
         start = time.perf_counter()
         for step in range(1, steps + 1):
-            left = UnitTable(model, detect_spec(model)).prunable_count()
+            left = prunable_left(model)
             share = (ratio * prunable * step / steps - (prunable - left)) / left  # of what is left
             pruner = Pruner(model, ratio=share, progress=False)
             pruner.apply(pruner.plan(calibration), calibration=rows)
             label = f"{ratio:g} step {step}/{steps}"
             results[label] = {"holdout": perplexity(model, holdout, seq_len=128)["perplexity"],
                               "python docstrings": perplexity(model, shift, seq_len=128)["perplexity"],
-                              "removed": 1 - UnitTable(model, detect_spec(model)).prunable_count() / prunable}
+                              "removed": 1 - prunable_left(model) / prunable}
             print(f"{label}: {results[label]} ({time.perf_counter() - start:.0f} s)", flush=True)
     print(json.dumps(results, indent=1))
     return 0
