@@ -452,6 +452,15 @@ def check_model(model: nn.Module, weights_elsewhere: bool = False) -> None:
             "leave the adapters the old shapes. Merge them first (model = model.merge_and_unload()), or prune the base "
             "model before adding adapters.")
     meta = [name for name, param in model.named_parameters() if param.is_meta]
+    offloaded = [name for name, module in model.named_modules()
+                 if getattr(getattr(module, "_hf_hook", None), "offload", False)]
+    if meta and offloaded and not weights_elsewhere:
+        raise ConfigurationError(
+            f"accelerate offloaded {len(offloaded)} modules of the model to the CPU or disk (e.g. {offloaded[0]}): "
+            "their weights live outside the model (a device_map whose devices could not hold it all, such as "
+            "device_map='auto' on a GPU too small), and slicing them in place is not possible. Load it where every "
+            "module is resident (device_map='cpu', or GPUs that hold it together), or prune from the checkpoint "
+            "without loading it: Pruner(adaprune.streaming.empty_model(folder), offload=folder) (docs/scale.md).")
     if meta and not weights_elsewhere:
         raise ConfigurationError(
             f"{len(meta)} parameters of the model are on the meta device (no weights, e.g. {meta[0]}): it was built "

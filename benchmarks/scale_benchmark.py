@@ -2,10 +2,16 @@
 
     OMP_NUM_THREADS=1 python benchmarks/scale_benchmark.py
     python benchmarks/scale_benchmark.py --sizes 135M --quick      # a smoke run
+    python benchmarks/scale_benchmark.py --device cuda --dtype bfloat16 --sizes 1.1B,3B,7B,8B \
+        --samples 32,128 --seq-len 128 --threads 8 --out benchmarks/results/scale-gpu   # on a GPU
 
 Sizes (float32, random init, the shapes of public checkpoints): ``135M`` (SmolLM2-135M), ``360M``
 (SmolLM2-360M), ``1.1B`` (TinyLlama-1.1B); ``3B`` (Llama-3.2-3B) only with ``--sizes ...,3B``: in
-float32 with Taylor it needs about 2 x 13 GB, more than this machine's 23 GB leaves.
+float32 with Taylor it needs about 2 x 13 GB, more than this machine's 23 GB leaves. ``7B``
+(Llama-2-7B) and ``8B`` (Llama-3-8B, GQA) are for a GPU, in bfloat16 (``--device cuda --dtype bfloat16``):
+the model is built on the device, and the memory measured is the device's
+(`torch.cuda.max_memory_allocated`, reset before each step; the CUDA runtime holds none of it), with
+the host's peak RSS beside it.
 
 Each size runs in a fresh process with one thread. The process first measures its runtime
 (resident memory once Python, torch, transformers and adaprune are imported), builds the model
@@ -18,7 +24,9 @@ options) and the default allocation:
 
 and, once per size (Taylor's plan), ``apply``: slicing the model (reconstruction off: its cost
 grows with the cube of the widths, not with parameters x tokens; it is measured separately by
-benchmarks/quality_benchmark.py). Before each step the kernel's peak-RSS counter is reset
+benchmarks/quality_benchmark.py). With ``--defaults``, a row ``defaults`` instead: the default
+configuration end to end (score and plan with Taylor + activation, adaptive fusion, global
+allocation; ``apply`` = slicing + the reconstruction + its bookkeeping, broken down in the JSON). Before each step the kernel's peak-RSS counter is reset
 (/proc/self/clear_refs), so each step's peak is its own; the memory multiple is
 (peak - runtime) / the model's bytes.
 
@@ -56,6 +64,10 @@ SHAPES = {
                  num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False),
     "3B": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "7B": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
+    "8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
 }
 
 
@@ -83,19 +95,50 @@ def _reset_peak() -> bool:
         return False
 
 
-def worker(size: str, samples: list[int], seq_len: int, estimators: list[str]) -> dict:
+class _Memory:
+    """Peak memory of one step: the process's resident set on the CPU, the device's allocations on CUDA."""
+
+    def __init__(self, device: str) -> None:
+        import torch
+
+        self.cuda = device.startswith("cuda")
+        self.torch = torch
+        self.runtime = 0 if self.cuda else _status("VmRSS")  # device memory: nothing held before the model
+
+    def reset(self) -> bool:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+            self.torch.cuda.reset_peak_memory_stats()
+        return _reset_peak()
+
+    def peak(self) -> int:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+            return self.torch.cuda.max_memory_allocated()
+        return _status("VmHWM")
+
+
+def worker(size: str, samples: list[int], seq_len: int, estimators: list[str], device: str = "cpu",
+           dtype: str = "float32", threads: int = 1, defaults: bool = False) -> dict:
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from adaprune import Pruner
 
+    memory = _Memory(device)
     runtime = _status("VmRSS")
     torch.manual_seed(0)
     start = time.perf_counter()
     config = LlamaConfig(**SHAPES[size], max_position_embeddings=2048)
-    model = LlamaForCausalLM(config).eval()
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        with torch.device(device):  # built where it runs: a 7B model is never materialised on the host
+            model = LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default_dtype)
     build = time.perf_counter() - start
     params = sum(p.numel() for p in model.parameters())
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -109,27 +152,53 @@ def worker(size: str, samples: list[int], seq_len: int, estimators: list[str]) -
         for name in names:
             pruner = Pruner(model, ratio=0.2, estimators=[name], reconstruct=False, progress=False)
             row = {"size": size, "params": params, "model_bytes": model_bytes, "tokens": tokens, "estimator": name}
-            reset = _reset_peak()
+            reset = memory.reset()
             cache = pruner.score(batches)
-            row["score_peak"] = _status("VmHWM")
-            _reset_peak()
+            row["score_peak"] = memory.peak()
+            row["score_host_peak"] = _status("VmHWM")
+            memory.reset()
             plan = pruner.plan(batches, scores=cache)
-            row["plan_peak"] = _status("VmHWM")
+            row["plan_peak"] = memory.peak()
+            row["plan_host_peak"] = _status("VmHWM")
             row["seconds"] = dict(pruner.timings)
             row["peak_reset"] = reset
             if name == "taylor" and count == samples[0]:
                 to_apply = (pruner, plan, row)
             rows.append(row)
+            print(json.dumps({k: row[k] for k in ("size", "tokens", "estimator", "seconds")}), file=sys.stderr,
+                  flush=True)
+    if defaults:  # the whole default path instead of slicing Taylor's plan: it changes the model too
+        to_apply = None
+        batches = [torch.randint(0, config.vocab_size, (2, seq_len), generator=generator)
+                   for _ in range(samples[0] // 2)]
+        pruner = Pruner(model, ratio=0.2, progress=False)
+        row = {"size": size, "params": params, "model_bytes": model_bytes, "tokens": samples[0] * seq_len,
+               "estimator": "defaults"}
+        memory.reset()
+        plan = pruner.plan(batches)
+        row["score_peak"] = row["plan_peak"] = memory.peak()
+        row["score_host_peak"] = row["plan_host_peak"] = _status("VmHWM")
+        memory.reset()
+        pruner.apply(plan)  # slicing and the reconstruction, on the plan's batches
+        row["apply_peak"] = memory.peak()
+        row["apply_host_peak"] = _status("VmHWM")
+        after = ("apply", "reconstruct", "slice")  # the table's "apply" column: all three, broken down in the JSON
+        row["apply_stages"] = {k: v for k, v in pruner.timings.items() if k in after}
+        row["seconds"] = {**{k: v for k, v in pruner.timings.items() if k not in after},
+                          "apply": round(sum(row["apply_stages"].values()), 3)}
+        rows.append(row)
+        print(json.dumps({k: row[k] for k in ("size", "tokens", "estimator", "seconds")}), file=sys.stderr, flush=True)
     if to_apply is not None:  # slicing changes the model: last
         pruner, plan, row = to_apply
-        _reset_peak()
+        memory.reset()
         pruner.apply(plan)
         row["seconds"]["apply"] = pruner.timings["apply"]
-        row["apply_peak"] = _status("VmHWM")
+        row["apply_peak"] = memory.peak()
+        row["apply_host_peak"] = _status("VmHWM")
     for row in rows:
         for key in ("score_peak", "plan_peak", "apply_peak"):
             if key in row:
-                row[key.replace("peak", "multiple")] = round((row[key] - runtime) / model_bytes, 3)
+                row[key.replace("peak", "multiple")] = round((row[key] - memory.runtime) / model_bytes, 3)
         print(json.dumps(row), file=sys.stderr, flush=True)
     return {"size": size, "runtime_bytes": runtime, "build_seconds": round(build, 2), "rows": rows}
 
@@ -151,6 +220,12 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--samples", default="4,16", help="calibration samples; the later counts only at the first size")
     parser.add_argument("--estimators", default=",".join(ESTIMATORS))
+    parser.add_argument("--device", default="cpu", help="where the model is built and pruned (cpu, cuda)")
+    parser.add_argument("--dtype", default="float32", help="the model's dtype (float32, bfloat16)")
+    parser.add_argument("--threads", type=int, default=1, help="torch's CPU threads in each size's process")
+    parser.add_argument("--defaults", action="store_true",
+                        help="also run the default configuration (Taylor + activation, adaptive, global, reconstruction) "
+                             "end to end at each size, in place of slicing Taylor's plan")
     parser.add_argument("--worker", default=None)
     parser.add_argument("--quick", action="store_true", help="write nothing, print the rows")
     parser.add_argument("--out", default=str(RESULTS / "scale"), help="results path without suffix (.json, .md, .png)")
@@ -159,9 +234,10 @@ def main() -> None:
     estimators = args.estimators.split(",")
     if args.worker:
         size, counts = args.worker.split(":")
-        print(json.dumps(worker(size, [int(c) for c in counts.split("/")], args.seq_len, estimators)))
+        print(json.dumps(worker(size, [int(c) for c in counts.split("/")], args.seq_len, estimators,
+                                args.device, args.dtype, args.threads, args.defaults)))
         return
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     runs = []
     sizes = args.sizes.split(",")
@@ -169,7 +245,9 @@ def main() -> None:
         counts = samples if i == 0 else samples[:1]  # more tokens at the smallest size: the token axis
         start = time.perf_counter()
         done = subprocess.run([sys.executable, __file__, "--worker", f"{size}:{'/'.join(map(str, counts))}",
-                               "--seq-len", str(args.seq_len), "--estimators", args.estimators],
+                               "--seq-len", str(args.seq_len), "--estimators", args.estimators,
+                               "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads),
+                               *(["--defaults"] if args.defaults else [])],
                               env=env, stdout=subprocess.PIPE, text=True)
         if done.returncode:
             raise SystemExit(f"size {size} failed (exit {done.returncode})")
@@ -195,10 +273,20 @@ def summarise(runs: list[dict], estimators: list[str], args: argparse.Namespace,
             fits[f"{name}/{stage}"] = fit(pts)
         fits[f"{name}/score+plan"] = fit([((r["params"] if name == "magnitude" else r["params"] * r["tokens"]),
                                            sum(r["seconds"].values()) - r["seconds"].get("apply", 0)) for r in mine])
-    return {"machine": f"{platform.machine()} {os.cpu_count()} CPUs, 1 thread, shared",
+    return {"machine": _machine(args), "device": args.device, "dtype": args.dtype,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "seq_len": args.seq_len,
             "samples": samples, "runs": runs, "fitted_exponents": fits, "load_average": os.getloadavg(),
             "not_run": skipped}
+
+
+def _machine(args: argparse.Namespace) -> str:
+    threads = f"{args.threads} thread{'s' if args.threads > 1 else ''}"
+    host = f"{platform.machine()} {os.cpu_count()} CPUs, {threads}"
+    if args.device.startswith("cuda"):
+        import torch
+
+        return f"{torch.cuda.get_device_name(args.device)}, torch {torch.__version__}, host {host}"
+    return f"{host}, shared"
 
 
 def write(record: dict, out: Path) -> None:
@@ -211,8 +299,12 @@ def write(record: dict, out: Path) -> None:
 
 
 def table(record: dict) -> str:
-    lines = [f"# Cost against size (random-init Llama shapes, float32, {record['machine']}, {record['date']})", "",
-             "Seconds per stage, and peak resident memory above the runtime as a multiple of the model's bytes "
+    on_device = record.get("device", "cpu").startswith("cuda")
+    memory = ("peak device memory allocated (torch.cuda.max_memory_allocated, the model included)" if on_device
+              else "peak resident memory above the runtime")
+    lines = [f"# Cost against size (random-init Llama shapes, {record.get('dtype', 'float32')}, {record['machine']}, "
+             f"{record['date']})", "",
+             f"Seconds per stage, and {memory} as a multiple of the model's bytes "
              "(score = calibration + scoring; plan = fusion + allocation; apply = slicing).", "",
              "| size | params | tokens | estimator | calibration s | scoring s | fusion s | allocation s | apply s "
              "| score peak / model | plan peak / model | apply peak / model |",

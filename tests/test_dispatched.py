@@ -14,6 +14,7 @@ from accelerate import dispatch_model
 from transformers import AutoModelForCausalLM
 
 from adaprune import Pruner
+from adaprune.errors import ConfigurationError
 
 from families import FAMILIES, Shape, build
 
@@ -66,3 +67,15 @@ def test_cuda_model_is_pruned_on_cuda(tmp_path):
     assert all(p.device.type == "cuda" for p in model.parameters())
     with torch.no_grad():
         assert torch.isfinite(model(_batches(seed=7, device="cuda")[0]).logits).all()
+
+
+def test_offloaded_modules_are_refused_with_the_way_out(tmp_path):
+    """accelerate's offload (what device_map="auto" does with what a GPU cannot hold) keeps weights
+    outside the modules: refused before any work, naming the streamed alternative."""
+    family = next(f for f in FAMILIES if f.name == "llama")
+    model = build(family, SHAPE)
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                  "model.layers.1": "disk", "model.layers.2": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    offloaded = dispatch_model(model, device_map, main_device="cpu", offload_dir=str(tmp_path / "offload"))
+    with pytest.raises(ConfigurationError, match=r"accelerate offloaded .* model\.layers\.1.*offload=folder"):
+        Pruner(offloaded, progress=False)

@@ -215,9 +215,11 @@ class ReconstructStage(Stage):
         return fitted
 
     def _solve(self, projection: _Projection, moments: _Moments, mask: MaskHandle) -> dict[str, Any]:
-        linear, kept = projection.linear, projection.kept
-        weight = mask.original(linear.weight).to(torch.float64)
-        bias = mask.original(linear.bias).to(torch.float64) if linear.bias is not None else None
+        linear = projection.linear
+        device = moments.gram.device  # the solve runs where the sums are
+        kept = projection.kept.to(device)
+        weight = mask.original(linear.weight).to(device=device, dtype=torch.float64)
+        bias = mask.original(linear.bias).to(device=device, dtype=torch.float64) if linear.bias is not None else None
         n, k = moments.count, len(kept)
         # Only the kept columns of the Gram matrices are needed: E[z z_K^T] (on the dense path when asked)
         # and E[z_K z_K^T]. One width x |K| slice at a time; the full sums are dropped as soon as read.
@@ -264,19 +266,31 @@ class ReconstructStage(Stage):
 
 
 class _Moments:
-    """Running sums of one projection's full input over the calibration tokens (float64)."""
+    """Running sums of one projection's full input over the calibration tokens (float64).
+
+    The sums live on the inputs' device (a GPU's float64 products are far faster than copying every
+    batch's inputs to the host), except on MPS, which has no float64.
+    """
 
     def __init__(self, width: int, paired: bool):
+        self.width = width
         self.paired = paired  # the dense path follows: keep each batch's inputs to pair them
         self.count, self.dense_count = 0, 0
-        self.gram = torch.zeros(width, width, dtype=torch.float64)
-        self.sum = torch.zeros(width, dtype=torch.float64)
-        self.cross = torch.zeros(width, width, dtype=torch.float64) if paired else None  # sum of z_dense z^T
-        self.dense_sum = torch.zeros(width, dtype=torch.float64)
+        self.gram = self.sum = self.cross = self.dense_sum = None  # allocated where the first input is
         self._pruned: list[torch.Tensor] = []  # this batch's pruned-path inputs, to pair with the dense ones
 
+    def _allocate(self, device: torch.device) -> None:
+        width = self.width
+        self.gram = torch.zeros(width, width, dtype=torch.float64, device=device)
+        self.sum = torch.zeros(width, dtype=torch.float64, device=device)
+        self.cross = torch.zeros(width, width, dtype=torch.float64, device=device) if self.paired else None
+        self.dense_sum = torch.zeros(width, dtype=torch.float64, device=device)  # sum of z_dense; cross: z_dense z^T
+
     def add(self, x: torch.Tensor, path: str) -> None:
-        z = x.detach().reshape(-1, x.shape[-1]).to(torch.float64).cpu()
+        device = x.device if x.device.type != "mps" else torch.device("cpu")
+        if self.gram is None:
+            self._allocate(device)
+        z = x.detach().reshape(-1, x.shape[-1]).to(device=self.gram.device, dtype=torch.float64)
         if path == "pruned":
             self.count += z.shape[0]
             self.gram += z.T @ z
