@@ -16,6 +16,18 @@ The two plans must remove the same units, and the two saved checkpoints give the
 (reloaded by transformers). Reported: the model's bytes, the limit, each run's peak resident memory
 (VmHWM) and the cgroup's peak charge, wall times. Where no cgroup can be made, the streamed run is
 measured without a limit (said so in the results). Writes benchmarks/results/offload.{json,md}.
+
+    python benchmarks/offload_benchmark.py --scoring-peak --threads 1 --work /tmp/adaprune-offload
+
+The streamed scoring alone: `Pruner(empty_model(folder), offload=folder, estimators=E,
+fusion="fixed").score(batches)` for each estimator set E, each in a fresh process (and each
+`--repeats` times), on the same checkpoint (kept in `--work` and reused if it is there). Reported:
+the scoring's peak resident memory above what the process held before it (the runtime: Python,
+torch, transformers, the meta model), against the target for the forward-only estimators: one
+decoder layer, the embeddings and the calibration hidden states. The peak is the kernel's VmHWM,
+reset just before `score()` (/proc/self/clear_refs); a thread sampling /proc/self/status says how
+much of it was anonymous memory and how much mapped checkpoint pages. Writes
+benchmarks/results/streamed_peak.{json,md}.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -35,10 +48,86 @@ CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
 
 
 def peak_rss_mb() -> float:
+    return memory_status().get("VmHWM", float("nan"))
+
+
+def memory_status() -> dict[str, float]:
+    """This process's VmHWM, VmRSS, RssAnon and RssFile, in MiB."""
+    status = {}
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+        key, _, value = line.partition(":")
+        if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
+            status[key] = int(value.split()[0]) / 1024
+    return status
+
+
+def reset_peak() -> bool:
+    """Reset VmHWM to the present resident memory (Linux >= 4.0); False where that is refused."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+class Sampler(threading.Thread):
+    """Reads /proc/self/status every few milliseconds and keeps the reading with the most resident
+    memory: how the peak divides into anonymous memory and mapped file pages (VmHWM is the peak
+    itself; a sample can fall just short of it)."""
+
+    def __init__(self, interval: float = 0.002):
+        super().__init__(daemon=True)
+        self.interval, self.most, self.done = interval, {"VmRSS": 0.0}, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            status = memory_status()
+            if status["VmRSS"] > self.most["VmRSS"]:
+                self.most = status
+            time.sleep(self.interval)
+
+    def stop(self) -> dict[str, float]:
+        self.done.set()
+        self.join()
+        return self.most
+
+
+def calibration_batches(args: argparse.Namespace):
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(0, args.vocab, (4, args.seq_len), generator=generator) for _ in range(args.samples // 4)]
+
+
+def scoring_child(args: argparse.Namespace) -> None:
+    """The streamed scoring alone, in this fresh process: its peak above the memory held before it."""
+    import torch
+
+    from adaprune import Pruner
+    from adaprune.streaming import empty_model
+
+    torch.set_num_threads(args.threads)
+    folder = Path(args.folder)
+    batches = calibration_batches(args)
+    pruner = Pruner(empty_model(folder), offload=folder, estimators=args.estimators.split("+"), fusion="fixed",
+                    progress=False)
+    before = memory_status()
+    reset = reset_peak()
+    sampler = Sampler()
+    sampler.start()
+    start = time.perf_counter()
+    pruner.score(batches)
+    seconds = time.perf_counter() - start
+    at_peak = sampler.stop()
+    after = memory_status()
+    result = {"estimators": args.estimators, "runtime_mb": before["VmRSS"], "peak_reset": reset,
+              "peak_above_runtime_mb": after["VmHWM"] - before["VmRSS"],
+              # Mapped file pages still resident once every layer is released: torch's code (and
+              # data) pages the scoring touched first; the checkpoint's mappings are gone by then.
+              "code_pages_mb": after["RssFile"] - before["RssFile"],
+              "sampled_peak": {k: at_peak[k] - before[k] for k in ("VmRSS", "RssAnon", "RssFile")},
+              "after_mb": after["VmRSS"] - before["VmRSS"], "seconds": seconds}
+    Path(args.result).write_text(json.dumps(result))
 
 
 def child(args: argparse.Namespace) -> None:
@@ -50,9 +139,7 @@ def child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     folder, out = Path(args.folder), Path(args.out)
-    generator = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, args.vocab, (4, args.seq_len), generator=generator)
-               for _ in range(args.samples // 4)]
+    batches = calibration_batches(args)
     start = time.perf_counter()
     if args.child == "streamed":
         pruner = Pruner(empty_model(folder), offload=folder, ratio=args.ratio, fusion=args.fusion, progress=False)
@@ -104,7 +191,8 @@ def make_cgroup(limit: int) -> Path | None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--child", choices=["streamed", "memory"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["streamed", "memory", "scoring"], help=argparse.SUPPRESS)
+    parser.add_argument("--estimators", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -121,29 +209,31 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--limit-fraction", type=float, default=1 / 3, help="memory limit / model bytes")
     parser.add_argument("--work", default=None, help="folder for the checkpoints (default: a temporary one)")
-    parser.add_argument("--results", default=str(RESULTS / "offload"), help="results path without suffix")
+    parser.add_argument("--results", default=None, help="results path without suffix (default: "
+                        "benchmarks/results/offload, or streamed_peak with --scoring-peak)")
+    parser.add_argument("--scoring-peak", action="store_true",
+                        help="measure the streamed scoring's peak per estimator set instead (see above)")
+    parser.add_argument("--peak-estimators", nargs="+",
+                        default=["magnitude", "activation", "fluctuation", "activation+fluctuation",
+                                 "taylor+activation"],
+                        help="estimator sets for --scoring-peak, '+' joining the estimators of one set")
+    parser.add_argument("--repeats", type=int, default=2, help="fresh processes per estimator set (--scoring-peak)")
     args = parser.parse_args()
+    if args.child == "scoring":
+        scoring_child(args)
+        return 0
     if args.child:
         child(args)
         return 0
+    if args.scoring_peak:
+        return scoring_peak(args)
 
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     work = Path(args.work or tempfile.mkdtemp(prefix="adaprune-offload-"))
     dense = work / "dense"
-    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-                         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
-                         max_position_embeddings=2048, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    start = time.perf_counter()
-    model = LlamaForCausalLM(config).eval()
-    parameters = sum(p.numel() for p in model.parameters())
-    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    model.save_pretrained(dense, max_shard_size="500MB")
-    del model
-    print(f"random-init model: {parameters / 1e6:.0f}M parameters, {model_bytes / 2**30:.2f} GiB, saved in "
-          f"{time.perf_counter() - start:.0f} s", flush=True)
+    parameters, model_bytes = checkpoint(args, dense)
 
     limit = int(model_bytes * args.limit_fraction)
     cgroup = make_cgroup(limit)
@@ -186,13 +276,127 @@ def main() -> int:
     }
     from adaprune.io import write_text
 
-    out = Path(args.results)
+    out = Path(args.results or RESULTS / "offload")
     write_text(out.with_suffix(".json"), json.dumps(report, indent=1))
     write_text(out.with_suffix(".md"), markdown(report))
     print(markdown(report))
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
     return 0 if same_plan and difference == 0.0 else 1
+
+
+def checkpoint(args: argparse.Namespace, dense: Path, reuse: bool = False) -> tuple[int, int]:
+    """Save the random-initialised model in `dense` (sharded safetensors); its parameters and bytes.
+    With `reuse`, a checkpoint already there with the same config is kept."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
+                         max_position_embeddings=2048, tie_word_embeddings=True)
+    if reuse and (dense / "model.safetensors.index.json").is_file():
+        saved = LlamaConfig.from_pretrained(dense)
+        if all(getattr(saved, k) == getattr(config, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                                   "num_attention_heads", "num_key_value_heads",
+                                                                   "vocab_size")):
+            with torch.device("meta"):
+                model = LlamaForCausalLM(config)
+            print(f"reusing the checkpoint in {dense}", flush=True)
+            return sum(p.numel() for p in model.parameters()), sum(p.numel() * 4 for p in model.parameters())
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    model = LlamaForCausalLM(config).eval()
+    parameters = sum(p.numel() for p in model.parameters())
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    model.save_pretrained(dense, max_shard_size="500MB")
+    del model
+    print(f"random-init model: {parameters / 1e6:.0f}M parameters, {model_bytes / 2**30:.2f} GiB, saved in "
+          f"{time.perf_counter() - start:.0f} s", flush=True)
+    return parameters, model_bytes
+
+
+def scoring_peak(args: argparse.Namespace) -> int:
+    """The streamed scoring's peak per estimator set, each run in a fresh process; 0 if every
+    forward-only set met the target in every run."""
+    work = Path(args.work or tempfile.mkdtemp(prefix="adaprune-offload-"))
+    dense = work / "dense"
+    parameters, model_bytes = checkpoint(args, dense, reuse=True)
+    head_dim = args.hidden // args.heads
+    layer = 4 * (2 * args.hidden * args.hidden + 2 * args.hidden * args.kv_heads * head_dim
+                 + 3 * args.hidden * args.intermediate + 2 * args.hidden)  # attention, MLP, two norms (float32)
+    embeddings = 4 * args.vocab * args.hidden  # tied: the head is the same tensor
+    hidden = 4 * (args.samples // 4 * 4) * args.seq_len * args.hidden  # the batches of calibration_batches
+    target = (layer + embeddings + hidden) / 2**20
+    runs = {}
+    for estimators in args.peak_estimators:
+        runs[estimators] = []
+        for repeat in range(args.repeats):
+            result = work / f"peak-{estimators}-{repeat}.json"
+            command = [sys.executable, __file__, "--child", "scoring", "--estimators", estimators, "--folder",
+                       str(dense), "--result", str(result), "--samples", str(args.samples), "--seq-len",
+                       str(args.seq_len), "--vocab", str(args.vocab), "--threads", str(args.threads)]
+            if subprocess.run(command).returncode != 0:
+                raise SystemExit(f"the scoring run with {estimators} failed")
+            runs[estimators].append(json.loads(result.read_text()))
+            r = runs[estimators][-1]
+            print(f"{estimators} run {repeat + 1}: peak {r['peak_above_runtime_mb']:.0f} MiB above the runtime "
+                  f"({r['runtime_mb']:.0f} MiB), {r['seconds']:.0f} s", flush=True)
+    forward_only = [e for e in runs if not {"taylor"} & set(e.split("+"))]
+    met = all(r["peak_above_runtime_mb"] <= target for e in forward_only for r in runs[e])
+    command = "python benchmarks/offload_benchmark.py --scoring-peak --threads " + str(args.threads)
+    report = {
+        "settings": {"hidden": args.hidden, "intermediate": args.intermediate, "layers": args.layers,
+                     "heads": args.heads, "kv_heads": args.kv_heads, "vocab": args.vocab, "dtype": "float32",
+                     "calibration": f"{args.samples} x {args.seq_len} random tokens, batches of 4",
+                     "threads": args.threads, "repeats": args.repeats, "command": command},
+        "parameters": parameters, "model_mb": model_bytes / 2**20,
+        "target_mb": {"layer": layer / 2**20, "embeddings": embeddings / 2**20, "hidden_states": hidden / 2**20,
+                      "total": target},
+        "runs": runs, "forward_only_met": met,
+    }
+    from adaprune.io import write_text
+
+    out = Path(args.results or RESULTS / "streamed_peak")
+    write_text(out.with_suffix(".json"), json.dumps(report, indent=1))
+    write_text(out.with_suffix(".md"), peak_markdown(report))
+    print(peak_markdown(report))
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if met else 1
+
+
+def peak_markdown(r: dict) -> str:
+    s, t = r["settings"], r["target_mb"]
+    lines = [
+        "# Streamed scoring: peak memory per estimator",
+        "",
+        f"`{s['command']}`: `Pruner(empty_model(f), offload=f, estimators=E, fusion=\"fixed\").score(batches)` "
+        f"on a random-init Llama ({s['layers']} layers, hidden {s['hidden']}, MLP {s['intermediate']}, "
+        f"{s['heads']} heads / {s['kv_heads']} KV heads, vocabulary {s['vocab']}, {s['dtype']}; "
+        f"{r['parameters'] / 1e6:.0f}M parameters, {r['model_mb']:.0f} MiB), calibration {s['calibration']}, "
+        f"{s['threads']} thread(s), each run a fresh process. Peak: VmHWM, reset just before `score()`, minus the "
+        "resident memory before it (the runtime). Torch code pages: mapped file pages still resident after "
+        "the scoring, when no checkpoint page is mapped any more (library code the run touched first; counted "
+        "in the peak). Anonymous / file: the split of the largest resident memory a 2 ms sampler saw "
+        "(file: the checkpoint's mapped pages and that code).",
+        "",
+        f"Target for the forward-only estimators: one decoder layer {t['layer']:.1f} + embeddings "
+        f"{t['embeddings']:.1f} + hidden states {t['hidden_states']:.1f} = **{t['total']:.1f} MiB**.",
+        "",
+        "| estimators | runtime MiB | peak above runtime MiB | of which torch code pages MiB | sampled at peak: "
+        "anonymous / file MiB | within target | wall s |",
+        "|---|---:|---:|---:|---:|---|---:|",
+    ]
+    for estimators, runs in r["runs"].items():
+        forward_only = "taylor" not in estimators.split("+")
+        for run in runs:
+            sampled = run["sampled_peak"]
+            within = ("yes" if run["peak_above_runtime_mb"] <= t["total"] else "no") if forward_only else \
+                "(gradient terms: not a target)"
+            lines.append(f"| {estimators} | {run['runtime_mb']:.0f} | {run['peak_above_runtime_mb']:.1f} | "
+                         f"{run['code_pages_mb']:.1f} | {sampled['RssAnon']:.0f} / {sampled['RssFile']:.0f} | "
+                         f"{within} | {run['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(r: dict) -> str:

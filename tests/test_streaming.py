@@ -72,8 +72,9 @@ def test_streamed_prune_equals_in_memory(family, allocation, units, tmp_path):
     assert streamed.report(plan)["params_after"] == in_memory.report(expected)["params_after"]
 
 
-@pytest.mark.parametrize("estimators", [("magnitude",), ({"name": "taylor", "order": 2, "reduction": "max"},
-                                                         "fluctuation")], ids=["weights-only", "fisher-rows"])
+@pytest.mark.parametrize("estimators", [("magnitude",), ("activation", "fluctuation"),
+                                        ({"name": "taylor", "order": 2, "reduction": "max"}, "fluctuation")],
+                         ids=["weights-only", "forward-only", "fisher-rows"])
 def test_streamed_scores_equal_in_memory_for_every_estimator_kind(estimators, tmp_path):
     family = next(f for f in FAMILIES if f.name == "llama")
     model, dense = _checkpoint(family, tmp_path)
@@ -152,6 +153,56 @@ def test_adaptive_fusion_holds_one_decoder_layer_at_a_time(tmp_path, monkeypatch
     assert resident and max(resident) == 1 and any(backward)
     assert all(p.is_meta for p in meta.parameters())
     assert not any(hasattr(m, "_hf_hook") or "forward" in vars(m) for m in meta.modules())
+
+
+def test_forward_sweep_holds_one_layer_and_nothing_outside_the_layers(tmp_path, monkeypatch):
+    """Forward-only scoring: while a layer runs, no other layer and none of the weights outside the
+    layers (embeddings, head) are resident; they are loaded only to enter the first layer and for the head."""
+    import adaprune.streaming.scoring as scoring
+
+    family = next(f for f in FAMILIES if f.name == "llama")
+    _, dense = _checkpoint(family, tmp_path)
+    meta = empty_model(dense)
+    layers = meta.model.layers
+    seen = []
+    original = scoring.forward_layer
+
+    def counting(layer, hidden, arguments):
+        outside = [n for n, p in meta.named_parameters() if not n.startswith("model.layers.") and not p.is_meta]
+        seen.append((sum(any(not p.is_meta for p in l.parameters()) for l in layers), outside))
+        return original(layer, hidden, arguments)
+
+    monkeypatch.setattr(scoring, "forward_layer", counting)
+    batches = _batches()
+    Pruner(meta, offload=dense, estimators=("activation",), fusion="fixed", progress=False).score(batches)
+    assert len(seen) == SHAPE.layers * len(batches)
+    assert all(count == 1 and not outside for count, outside in seen)
+    assert all(p.is_meta for p in meta.parameters())
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 48), (4, 128, 300), (3, 37, 1031), (1, 2, 129), (5, 7, 64), (2, 33, 4097)])
+def test_activation_moments_in_column_blocks_equal_the_whole_matrix(shape, monkeypatch):
+    """The CPU moments are taken a block of columns at a time; they equal, bit for bit, the moments of
+    the whole activation upcast at once (the formula before blocks), whatever the block width."""
+    from adaprune.scoring import calibration
+
+    def whole(x):
+        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        mean = x.mean(0)
+        return x.shape[0], mean, ((x - mean) ** 2).sum(0)
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 3 + torch.arange(shape[-1]) / shape[-1]
+    original = x.clone()
+    expected = whole(x)
+    for elements in (1, 1 << 10, 1 << 14, calibration.MOMENT_CHUNK_ELEMENTS):
+        monkeypatch.setattr(calibration, "MOMENT_CHUNK_ELEMENTS", elements)
+        n, mean, m2 = calibration.batch_moments(x)
+        assert n == expected[0] and torch.equal(mean, expected[1]) and torch.equal(m2, expected[2]), elements
+    assert torch.equal(x, original)  # the activation itself is not touched (a float64 one neither)
+    x64 = x.to(torch.float64)
+    copy = x64.clone()
+    calibration.batch_moments(x64)
+    assert torch.equal(x64, copy)
 
 
 class _WholeModelStage(Stage):

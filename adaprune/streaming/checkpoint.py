@@ -34,6 +34,12 @@ def empty_model(folder: str | os.PathLike[str], trust_remote_code: bool = False,
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    # init_empty_weights allocates each parameter (untouched) before moving it to the meta device.
+    # With glibc's default, rising mmap threshold those blocks came from the heap, and a small
+    # allocation after each kept the heap from shrinking: gigabytes of free heap, which later served
+    # the streamed passes' activations, resident until trimmed (the scoring's peak varied by ~55 MiB
+    # from run to run with it). Mapped on their own, they go back to the system when freed.
+    large_allocations_mapped()
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
     model.eval()

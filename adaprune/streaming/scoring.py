@@ -13,11 +13,13 @@ by every estimator, on one-layer views of the unit table and the statistics, whi
 
 The statistics are folded pass by pass in the in-memory order and each layer computes what it
 computes inside the model, so the scores equal the in-memory ones (bit for bit on the CPU).
-Resident: the embeddings and head, one layer, the calibration hidden states entering it (for
-gradient terms also the gradients at its output; the inputs of every layer wait in a temporary folder
-for the backward sweep). Refused, with the alternative: estimators that run the whole model
-themselves (learned), stages other than the reconstruction (which `adaprune.streaming.writer` runs
-layer by layer). The adaptive fusion runs the model whole, its layers read from disk
+Resident: one layer and the calibration hidden states entering it (one set: each pass's output
+replaces its input), the weights outside the layers (embeddings, head) only while the batches enter
+the first layer and for the head; for gradient terms also the gradients at its output (the inputs of
+every layer wait in a temporary folder for the backward sweep). A layer's activation statistics
+leave once it is scored, unless bias compensation needs the means. Refused, with the alternative:
+estimators that run the whole model themselves (learned), stages other than the reconstruction
+(which `adaprune.streaming.writer` runs layer by layer). The adaptive fusion runs the model whole, its layers read from disk
 (`adaprune.streaming.offloaded`).
 """
 
@@ -43,7 +45,8 @@ from ..stages.reconstruct import ReconstructStage
 from ..units.layerwise import LayerArguments, forward_layer, layer_inputs, returns_tuple
 from ..units.model_state import preserved
 from ..units.table import UnitTable
-from .checkpoint import CheckpointWeights
+from ..vocabulary import LEVELS
+from .checkpoint import CheckpointWeights, return_freed_memory
 
 #: What a streamed pass can give an estimator.
 STREAMED_NEEDS = frozenset({"weights", "activations", "gradients", "per_sample_gradients"})
@@ -84,6 +87,9 @@ def streamed_scores(model: nn.Module, table: UnitTable, weights: CheckpointWeigh
     if terms:
         start_gradient_totals(stats, table, terms)
     per_layer: dict[int, dict[str, Scores]] = {}
+    # Bias compensation reads the input means of every layer when the plan is made; otherwise a
+    # layer's statistics leave memory once it is scored (about 15 MiB for a 96-layer 1B model).
+    keep_statistics = any(e.compensates_bias for e in estimators)
 
     def score(index: int) -> None:
         # A one-layer view of the table and of the statistics (per-layer lists cut to this layer).
@@ -91,6 +97,9 @@ def streamed_scores(model: nn.Module, table: UnitTable, weights: CheckpointWeigh
             term: {level: [totals[index]] for level, totals in by_level.items()}
             for term, by_level in stats.gradient_terms.items()})
         per_layer[index] = {e.name: run_estimator(e, table.subset([index]), view) for e in estimators}
+        if not keep_statistics:  # scored: its input statistics (float64, two per Linear) are done with
+            for path in _module_paths(table.subset([index])):
+                stats.activations.pop(path, None)
 
     with preserved(model):
         if not (activations or terms):  # weights only: nothing to run
@@ -98,26 +107,26 @@ def streamed_scores(model: nn.Module, table: UnitTable, weights: CheckpointWeigh
                 with weights.resident(model, layer_units.path):
                     score(layer_units.index)
         else:
-            outside = weights.load_outside(model, [layer.path for layer in table])
-            try:
-                with torch.no_grad():
+            paths = [layer.path for layer in table]
+            with torch.no_grad():
+                # The weights outside the layers (embeddings, final norm, head) are resident for the
+                # way into the first layer and for the head, not through the sweep between.
+                with _outside(weights, model, paths):
                     hidden, arguments = layer_inputs(model, layers[0], passes)
-                    inputs = _Spill()  # per layer, its inputs, on disk until the backward sweep
-                    for layer_units, layer in tqdm(list(zip(table, layers)), desc="streamed calibration",
-                                                   unit="layer", disable=not progress):
-                        with weights.resident(model, layer_units.path):
-                            if layer_units.index == 0:
-                                as_tuple = returns_tuple(layer, hidden[0], arguments[0])
-                            if terms:
-                                inputs.push(hidden)
-                            hidden = _forward_sweep(model, table.subset([layer_units.index]), layer, hidden,
-                                                    arguments, stats, activations)
-                            if not terms:
-                                score(layer_units.index)
-                with torch.enable_grad():
-                    losses, gradients = _head(model, layers, passes, hidden, as_tuple, backward=bool(terms))
-            finally:
-                weights.release_outside(model, outside)
+                inputs = _Spill()  # per layer, its inputs, on disk until the backward sweep
+                for layer_units, layer in tqdm(list(zip(table, layers)), desc="streamed calibration",
+                                               unit="layer", disable=not progress):
+                    with weights.resident(model, layer_units.path):
+                        if layer_units.index == 0:
+                            as_tuple = returns_tuple(layer, hidden[0], arguments[0])
+                        if terms:
+                            inputs.push(hidden)
+                        hidden = _forward_sweep(model, table.subset([layer_units.index]), layer, hidden,
+                                                arguments, stats, activations)
+                        if not terms:
+                            score(layer_units.index)
+            with torch.enable_grad(), _outside(weights, model, paths):
+                losses, gradients = _head(model, layers, passes, hidden, as_tuple, backward=bool(terms))
             if terms:
                 with torch.enable_grad():
                     for layer_units, layer in tqdm(list(zip(table, layers))[::-1], desc="streamed gradients",
@@ -137,19 +146,26 @@ def streamed_scores(model: nn.Module, table: UnitTable, weights: CheckpointWeigh
 
 def _forward_sweep(model: nn.Module, view: UnitTable, layer: nn.Module, hidden: list[torch.Tensor],
                    arguments: list[LayerArguments], stats: CalibrationStats, activations: bool) -> list[torch.Tensor]:
-    """Every pass through `layer`, its inputs' statistics folded pass by pass (the in-memory order)."""
+    """Every pass through `layer`, its inputs' statistics folded pass by pass (the in-memory order).
+
+    Each pass's output takes its input's place in `hidden` (returned): one set of hidden states is
+    resident, not the layer's inputs and outputs both. After each pass the freed heap goes back to
+    the system: a heap with free room (a model built before glibc was told to map large blocks on
+    their own) serves the activations from it and would keep them resident, a different part each
+    pass, until the layer's release (measured: ~55 MiB more on a 1B model's layers).
+    """
     current = PassRecord()
     hooks = activation_hooks(model, view, stats, lambda: current) if activations else []
-    outputs = []
     try:
-        for h, a in zip(hidden, arguments):
+        for i, a in enumerate(arguments):
             current = PassRecord()
-            outputs.append(forward_layer(layer, h, a))
+            hidden[i] = forward_layer(layer, hidden[i], a)
             fold_statistics(stats, current)
+            return_freed_memory()  # the pass's activations, wherever the heap had room for them
     finally:
         for hook in hooks:
             hook.remove()
-    return outputs
+    return hidden
 
 
 def _backward_sweep(model: nn.Module, view: UnitTable, layer: nn.Module, inputs: list[torch.Tensor],
@@ -167,10 +183,21 @@ def _backward_sweep(model: nn.Module, view: UnitTable, layer: nn.Module, inputs:
             forward_layer(layer, x, a).backward(grad)
             below.append(None if first else x.grad)
             fold_statistics(stats, current)
+            return_freed_memory()
     finally:
         for hook in hooks:
             hook.remove()
     return below
+
+
+@contextmanager
+def _outside(weights: CheckpointWeights, model: nn.Module, layer_paths: list[str]) -> Iterator[None]:
+    """Every weight outside the decoder layers loaded for the duration of the block."""
+    outside = weights.load_outside(model, layer_paths)
+    try:
+        yield
+    finally:
+        weights.release_outside(model, outside)
 
 
 class _Spill:
@@ -241,6 +268,10 @@ def _stood_in(layers: Sequence[nn.Module], as_tuple: bool) -> Iterator[_Carry]:
     finally:
         for i, original in enumerate(originals):
             layers[i] = original
+
+
+def _module_paths(view: UnitTable) -> set[str]:
+    return {m.module_path for layer in view for level in LEVELS for m in layer.members[level]}
 
 
 def _stitched(layers: list[Scores]) -> Scores:
