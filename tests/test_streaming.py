@@ -205,6 +205,34 @@ def test_activation_moments_in_column_blocks_equal_the_whole_matrix(shape, monke
     assert torch.equal(x64, copy)
 
 
+@pytest.mark.parametrize("vocab", [5, 257, 8192])
+def test_causal_lm_loss_equals_transformers_loss(vocab, monkeypatch):
+    """The streamed head's loss (log-probabilities a block of rows at a time) is transformers' own, bit for bit."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from adaprune.streaming import scoring
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 37, vocab, generator=g) * 10
+    labels = torch.randint(0, vocab, (3, 37), generator=g)
+    labels[1, ::4] = -100  # ignored positions are skipped the same way
+    for elements in (1, 1 << 10, scoring.LOSS_CHUNK_ELEMENTS):
+        monkeypatch.setattr(scoring, "LOSS_CHUNK_ELEMENTS", elements)
+        assert torch.equal(scoring.causal_lm_loss(logits, labels, vocab), ForCausalLMLoss(logits, labels, vocab))
+
+
+def test_streamed_forward_only_loss_equals_in_memory(tmp_path):
+    family = next(f for f in FAMILIES if f.name == "llama")
+    model, dense = _checkpoint(family, tmp_path)
+    in_memory = Pruner(model, **dict(STREAMABLE, estimators=("activation",)))
+    in_memory.score(_batches())
+    streamed = Pruner(empty_model(dense), offload=dense, **dict(STREAMABLE, estimators=("activation",)))
+    streamed.score(_batches())
+    assert streamed.calibration["mean_loss"] == in_memory.calibration["mean_loss"]
+    assert streamed.model.loss_function is model.loss_function  # the model's own loss again afterwards
+    assert "_loss_function" not in vars(streamed.model)
+
+
 class _WholeModelStage(Stage):
     name = "whole"
 

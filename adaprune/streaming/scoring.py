@@ -5,7 +5,9 @@ positions, masks: `units.layerwise.layer_inputs`). Forward sweep: each layer in 
 from the checkpoint, runs every pass with the activation hooks of the in-memory calibration, and
 goes back to the meta device, its outputs carried to the next layer. The head (final norm, output
 projection, loss) runs through the model's own forward with its layers stood in for (`_Carry`),
-which gives the loss and, for gradient terms, the gradient at the last layer's output. Backward
+which gives the loss (without gradient terms, transformers' causal-LM loss is taken with its
+log-probabilities a block of rows at a time: `causal_lm_loss`, the same value) and, for gradient
+terms, the gradient at the last layer's output. Backward
 sweep (gradient terms only): from the last layer down, each layer is loaded again, rerun on its
 saved inputs and backpropagated from the gradient at its output, with the gradient hooks of the
 in-memory calibration, handing the gradient at its input to the layer below. Every layer is scored
@@ -243,7 +245,7 @@ def _head(model: nn.Module, layers: Sequence[nn.Module], passes: list[torch.Tens
     losses, gradients = [], []
     for param in model.parameters():
         param.requires_grad_(False)
-    with _stood_in(layers, as_tuple) as first:
+    with _stood_in(layers, as_tuple) as first, _lean_loss(model, enabled=not backward):
         for ids, h in zip(passes, hidden):
             first.value = h.detach().requires_grad_(backward)
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
@@ -252,6 +254,61 @@ def _head(model: nn.Module, layers: Sequence[nn.Module], passes: list[torch.Tens
                 gradients.append(first.value.grad)
             losses.append(float(loss.detach()))
     return losses, gradients
+
+
+#: Rows of logits whose log-probabilities `causal_lm_loss` holds at a time (about 1 MiB of float32).
+LOSS_CHUNK_ELEMENTS = 1 << 18
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, **kwargs) -> torch.Tensor:
+    """transformers' `ForCausalLMLoss`, the same value bit for bit, without its full-size log-probabilities.
+
+    `cross_entropy` is `nll_loss(log_softmax(logits))`: the log-softmax of each row depends on that
+    row alone, so it is taken a block of rows at a time and only each token's target entry is kept;
+    `nll_loss` then sums those entries in the same (cascaded) order as over the full rows, and
+    divides by the same count. A [tokens, vocabulary] float32 copy less (16 MiB for 512 tokens of
+    an 8192-word vocabulary). Anything but the plain call (`num_items_in_batch`, given
+    `shift_labels`, ...) goes to transformers' own function. Forward only: the gradient is not
+    claimed to be the same.
+    """
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    if kwargs:
+        return ForCausalLMLoss(logits, labels, vocab_size, **kwargs)
+    ignore = -100
+    logits = logits.float().view(-1, vocab_size)
+    targets = nn.functional.pad(labels, (0, 1), value=ignore)[..., 1:].reshape(-1).to(logits.device)
+    picked = torch.zeros(targets.numel(), 1, dtype=logits.dtype, device=logits.device)
+    kept = targets != ignore
+    rows = max(1, LOSS_CHUNK_ELEMENTS // vocab_size)
+    for start in range(0, targets.numel(), rows):
+        block = torch.log_softmax(logits[start:start + rows], dim=-1)
+        picked[start:start + rows] = block.gather(1, targets[start:start + rows].clamp(min=0).unsqueeze(1))
+        del block
+    return nn.functional.nll_loss(picked, torch.where(kept, 0, ignore), ignore_index=ignore, reduction="mean")
+
+
+@contextmanager
+def _lean_loss(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """The model computes its loss with `causal_lm_loss` for the duration, where its loss is
+    transformers' `ForCausalLMLoss` (the decoder families); otherwise, or not `enabled`, as it is."""
+    try:
+        from transformers.loss.loss_utils import ForCausalLMLoss
+    except ImportError:  # pragma: no cover (an older transformers: its own loss)
+        enabled = False
+    if not enabled or getattr(model, "loss_function", None) is not ForCausalLMLoss:
+        yield
+        return
+    had = "_loss_function" in vars(model)
+    previous = vars(model).get("_loss_function")
+    model.loss_function = causal_lm_loss
+    try:
+        yield
+    finally:
+        if had:
+            model.loss_function = previous
+        else:
+            del model._loss_function
 
 
 @contextmanager
