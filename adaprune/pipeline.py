@@ -90,7 +90,9 @@ class Pruner:
             calibration batches of the `plan()` call (see ``adaprune.fusion.adaptive``).
         allocation: how the budget is spread over layers: ``uniform`` (the same fraction from every
             eligible layer), ``global`` (one ranking of all units by normalised importance per
-            parameter; see ``adaprune.allocation.ranked``), or a plugin's.
+            parameter; see ``adaprune.allocation.ranked``), or a plugin's; ``allocation_options`` its
+            arguments (``global``: ``max_layer_fraction``, the most of any layer's prunable parameters
+            that may go).
         units: what may be removed: ``kv_groups`` (whole KV groups), ``query_heads`` (heads within
             groups, the same number in each), ``channels`` (MLP channels), and with an allocation
             that removes blocks ``blocks`` (whole attention and MLP blocks; or ``attention_blocks``,
@@ -119,6 +121,7 @@ class Pruner:
         fusion: str = DEFAULTS.fusion,
         fusion_options: dict[str, Any] | None = None,
         allocation: str = DEFAULTS.allocation,
+        allocation_options: dict[str, Any] | None = None,
         units: Sequence[str] = DEFAULTS.units,
         mode: str = DEFAULTS.mode,
         layers: Iterable[int] | str | int | None = DEFAULTS.layers,
@@ -140,7 +143,7 @@ class Pruner:
         if not self.estimators:
             raise ConfigurationError("estimators is empty; name at least one (see adaprune.list_estimators()).")
         self.fusion = create_policy(fusion, **(fusion_options or {}))
-        self.allocator = create_allocator(allocation)
+        self.allocator = create_allocator(allocation, **(allocation_options or {}))
         self.units = parse_units(units)
         self.mode = mode
         self.layers = layers
@@ -314,7 +317,8 @@ class Pruner:
         """Every setting of this Pruner, defaults resolved (as plans record them)."""
         return {"ratio": self.ratio, "estimators": [estimator_record(e) for e in self.estimators],
                 "fusion": self.fusion.name, "fusion_options": self.fusion.options,
-                "allocation": self.allocator.name, "units": [str(u) for u in self.units],
+                "allocation": self.allocator.name, "allocation_options": self.allocator.options,
+                "units": [str(u) for u in self.units],
                 "layers": self.layers if isinstance(self.layers, (str, int, type(None))) else list(self.layers),
                 "multiple": self.multiple, "stages": {stage.name: stage.options for stage in self.stages}}
 

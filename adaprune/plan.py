@@ -272,8 +272,8 @@ TOP_KEYS = ("format", "version", "model", "settings", "params", "layers", "fusio
 MODEL_KEYS = ("architecture", "family", "shapes")
 SHAPE_KEYS = ("num_heads", "num_kv_heads", "head_dim", "mlp_width")
 LAYER_KEYS = ("index", "remove_kv_groups", "remove_heads", "remove_channels", "remove_attention", "remove_mlp")
-SETTINGS_KEYS = ("ratio", "estimators", "fusion", "fusion_options", "allocation", "units", "layers", "multiple",
-                 "stages")
+SETTINGS_KEYS = ("ratio", "estimators", "fusion", "fusion_options", "allocation", "allocation_options", "units",
+                 "layers", "multiple", "stages")
 PARAMS_KEYS = ("total_before", "total_after", "prunable_before", "removed", "prunable_fraction_removed")
 FUSION_KEYS = ("policy", "options", "sites", "warnings", "training")
 SITE_KEYS = ("layer", "level", "weights", "fallback")
@@ -384,8 +384,9 @@ def _check_settings(value: Any) -> None:
             raise _fail(f"settings.estimators[{i}]", "expected an object with a 'name' string")
     for i, unit in enumerate(_list(d.get("units", []), "settings.units")):
         _string(unit, f"settings.units[{i}]")
-    if "fusion_options" in d and not isinstance(d["fusion_options"], dict):
-        raise _fail("settings.fusion_options", f"expected an object, got {_kind(d['fusion_options'])}")
+    for key in ("fusion_options", "allocation_options"):
+        if key in d and not isinstance(d[key], dict):
+            raise _fail(f"settings.{key}", f"expected an object, got {_kind(d[key])}")
     layers = d.get("layers")
     if isinstance(layers, list):
         for i, index in enumerate(layers):

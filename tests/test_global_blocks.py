@@ -112,6 +112,38 @@ def test_layers_whose_blocks_matter_more_lose_less(graph):
     assert len({len(plan.remove_channels) for plan in without}) == 1  # identical layers, equal weight
 
 
+def layer_fractions(plans: list[LayerPlan], graph: UnitTable) -> list[float]:
+    return [removed_fraction([plan], graph.subset([i])) for i, plan in enumerate(plans)]
+
+
+@pytest.mark.parametrize("units", [("kv_groups", "channels"), ("kv_groups", "channels", "blocks")])
+def test_max_layer_fraction_caps_every_layer_and_still_meets_the_budget(graph, units):
+    scores = synthetic_scores(graph)
+    scores["attention_block"] = [torch.tensor([w], dtype=torch.float64) for w in (1.0, 1.0, 1.0, 0.05)]
+    scores["mlp_block"] = [torch.tensor([w], dtype=torch.float64) for w in (1.0, 1.0, 1.0, 0.05)]
+    free = global_allocation(graph, scores, budget(graph, 0.4, units))
+    assert max(layer_fractions(free, graph)) > 0.7  # the cheap last layer is gutted without a cap
+    blocks = {kind: [float(t[0]) for t in scores[f"{kind}_block"]] for kind in BlockKind}
+    fused = {Level(level): scores[level] for level in ("kv_group", "head", "channel")}
+    capped = GlobalAllocator(max_layer_fraction=0.5).allocate(graph, AllocationScores(fused, blocks),
+                                                              budget(graph, 0.4, units))
+    assert max(layer_fractions(capped, graph)) <= 0.5
+    assert abs(removed_fraction(capped, graph) - 0.4) < 0.07
+    assert GlobalAllocator(max_layer_fraction=None).allocate(graph, AllocationScores(fused, blocks),
+                                                             budget(graph, 0.4, units)) == free
+
+
+def test_max_layer_fraction_is_checked_and_recorded(graph):
+    assert create_allocator("global", max_layer_fraction=0.6).options == {"max_layer_fraction": 0.6}
+    assert create_allocator("global").options == {}
+    for bad in (0, 1.5, -0.1, True, "0.5"):
+        with pytest.raises(ConfigurationError, match="max_layer_fraction"):
+            create_allocator("global", max_layer_fraction=bad)
+    with pytest.raises(ConfigurationError, match="max_layer_fraction=0.2 lets the eligible layers lose at most"):
+        GlobalAllocator(max_layer_fraction=0.2).allocate(
+            graph, AllocationScores({Level(k): v for k, v in synthetic_scores(graph).items()}), budget(graph, 0.3))
+
+
 def test_lowest_units_go_first_across_layers(graph):
     scores = synthetic_scores(graph)
     scores["channel"][3][:16] = 1e-6  # 16 nearly useless channels in layer 3
@@ -219,6 +251,18 @@ def test_global_plan_with_blocks_end_to_end(tiny_gqa):
     assert sum(p.numel() for p in tiny_gqa.parameters()) == before - plan.params["removed"]
     with torch.no_grad():
         tiny_gqa(input_ids=torch.tensor([[1, 2, 3]]))
+
+
+def test_allocation_options_reach_the_allocator_and_the_plan(tiny_gqa):
+    pruner = Pruner(tiny_gqa, ratio=0.3, estimators=["taylor"], fusion="fixed", allocation="global",
+                    allocation_options={"max_layer_fraction": 0.45}, reconstruct=False, progress=False)
+    plan = pruner.plan(random_batches(97))
+    assert plan.settings["allocation_options"] == {"max_layer_fraction": 0.45}
+    assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))).settings == plan.settings
+    graph = unit_table(tiny_gqa)
+    assert max(layer_fractions(plan.layers, graph)) <= 0.45
+    with pytest.raises(ConfigurationError, match="refused its options"):
+        Pruner(tiny_gqa, allocation="uniform", allocation_options={"max_layer_fraction": 0.5})
 
 
 def test_plan_versions_and_block_validation(tiny_gqa):
