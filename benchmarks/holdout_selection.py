@@ -231,7 +231,9 @@ CAP = "max_layer_fraction"
 ALLOCATION = {
     "default": ({}, None),
     "cap 0.75 per layer": ({"allocation_options": {CAP: 0.75}}, None),
+    "cap 0.65 per layer": ({"allocation_options": {CAP: 0.65}}, None),
     "cap 0.6 per layer": ({"allocation_options": {CAP: 0.6}}, None),
+    "cap 0.55 per layer": ({"allocation_options": {CAP: 0.55}}, None),
     "cap 0.5 per layer": ({"allocation_options": {CAP: 0.5}}, None),
     "layer weight ^2": ({}, {"power": 2.0}),
     "layer weight ^0.5": ({}, {"power": 0.5}),
