@@ -274,14 +274,7 @@ def main() -> int:
         "streamed": streamed, "in_memory": memory,
         "same_plan": same_plan, "max_logit_difference": difference, "same_logits": difference == 0.0,
     }
-    from adaprune.io import write_text
-
-    out = Path(args.results or RESULTS / "offload")
-    write_text(out.with_suffix(".json"), json.dumps(report, indent=1))
-    write_text(out.with_suffix(".md"), markdown(report))
-    print(markdown(report))
-    if not args.work:
-        shutil.rmtree(work, ignore_errors=True)
+    _finish(report, markdown(report), Path(args.results or RESULTS / "offload"), None if args.work else work)
     return 0 if same_plan and difference == 0.0 else 1
 
 
@@ -354,15 +347,20 @@ def scoring_peak(args: argparse.Namespace) -> int:
                       "total": target},
         "runs": runs, "forward_only_met": met,
     }
+    _finish(report, peak_markdown(report), Path(args.results or RESULTS / "streamed_peak"),
+            None if args.work else work)
+    return 0 if met else 1
+
+
+def _finish(report: dict, table: str, out: Path, scratch: Path | None) -> None:
+    """Write the results (JSON and markdown), print the table, remove a scratch folder made for the run."""
     from adaprune.io import write_text
 
-    out = Path(args.results or RESULTS / "streamed_peak")
     write_text(out.with_suffix(".json"), json.dumps(report, indent=1))
-    write_text(out.with_suffix(".md"), peak_markdown(report))
-    print(peak_markdown(report))
-    if not args.work:
-        shutil.rmtree(work, ignore_errors=True)
-    return 0 if met else 1
+    write_text(out.with_suffix(".md"), table)
+    print(table)
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def peak_markdown(r: dict) -> str:
