@@ -13,8 +13,8 @@ the model is built on the device, and the memory measured is the device's
 (`torch.cuda.max_memory_allocated`, reset before each step; the CUDA runtime holds none of it), with
 the host's peak RSS beside it.
 
-Each size runs in a fresh process with one thread. The process first measures its runtime
-(resident memory once Python, torch, transformers and adaprune are imported), builds the model
+Each size runs in a fresh process with one thread (``--threads`` for more). The process first
+measures its runtime (resident memory once Python, torch, transformers and adaprune are imported), builds the model
 (not timed as a stage), then for each estimator, with the default fusion (`adaptive`, its default
 options) and the default allocation:
 
@@ -26,9 +26,9 @@ and, once per size (Taylor's plan), ``apply``: slicing the model (reconstruction
 grows with the cube of the widths, not with parameters x tokens; it is measured separately by
 benchmarks/quality_benchmark.py). With ``--defaults``, a row ``defaults`` instead: the default
 configuration end to end (score and plan with Taylor + activation, adaptive fusion, global
-allocation; ``apply`` = slicing + the reconstruction + its bookkeeping, broken down in the JSON). Before each step the kernel's peak-RSS counter is reset
-(/proc/self/clear_refs), so each step's peak is its own; the memory multiple is
-(peak - runtime) / the model's bytes.
+allocation; ``apply`` = slicing + the reconstruction + its bookkeeping, broken down in the JSON).
+Before each step the kernel's peak-RSS counter is reset (/proc/self/clear_refs), so each step's
+peak is its own; the memory multiple is (peak - runtime) / the model's bytes.
 
 The fit: log(seconds) = a + b log(parameters x calibration tokens), least squares over the sizes
 (and the token-scaled points), per estimator and stage. Magnitude needs no calibration: its
