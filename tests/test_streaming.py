@@ -107,17 +107,26 @@ def test_streamed_blocks_and_compensation_equal_in_memory(tmp_path):
     assert torch.equal(_logits(tmp_path / "streamed", ids), _logits(tmp_path / "in-memory", ids))
 
 
+def _empty_llama(tmp_path):
+    """A Llama checkpoint on disk, and the same model with every weight on the meta device."""
+    _, dense = _checkpoint(next(f for f in FAMILIES if f.name == "llama"), tmp_path)
+    return dense, empty_model(dense)
+
+
+def _resident(layers) -> int:
+    """How many decoder layers hold real weights now."""
+    return sum(any(not p.is_meta for p in layer.parameters()) for layer in layers)
+
+
 def test_one_decoder_layer_resident_at_a_time(tmp_path, monkeypatch):
-    family = next(f for f in FAMILIES if f.name == "llama")
-    _, dense = _checkpoint(family, tmp_path)
-    meta = empty_model(dense)
+    dense, meta = _empty_llama(tmp_path)
     layers = meta.model.layers
     most = []
     original = CheckpointWeights.load
 
     def counting(self, model, prefix):
         original(self, model, prefix)
-        most.append(sum(any(not p.is_meta for p in layer.parameters()) for layer in layers))
+        most.append(_resident(layers))
 
     monkeypatch.setattr(CheckpointWeights, "load", counting)
     pruner = Pruner(meta, offload=dense, ratio=0.3, **STREAMABLE)
@@ -133,16 +142,14 @@ def test_adaptive_fusion_holds_one_decoder_layer_at_a_time(tmp_path, monkeypatch
     run again), never more than one layer's weights loaded; afterwards the model is as it was."""
     from accelerate.hooks import AlignDevicesHook
 
-    family = next(f for f in FAMILIES if f.name == "llama")
-    _, dense = _checkpoint(family, tmp_path)
-    meta = empty_model(dense)
+    dense, meta = _empty_llama(tmp_path)
     layers = meta.model.layers
     resident, backward = [], []
     original = AlignDevicesHook.pre_forward
 
     def counting(self, module, *args, **kwargs):
         result = original(self, module, *args, **kwargs)
-        resident.append(sum(any(not p.is_meta for p in layer.parameters()) for layer in layers))
+        resident.append(_resident(layers))
         backward.append(torch._C._current_graph_task_id() != -1)  # a rerun inside the backward pass
         return result
 
@@ -160,16 +167,14 @@ def test_forward_sweep_holds_one_layer_and_nothing_outside_the_layers(tmp_path, 
     layers (embeddings, head) are resident; they are loaded only to enter the first layer and for the head."""
     import adaprune.streaming.scoring as scoring
 
-    family = next(f for f in FAMILIES if f.name == "llama")
-    _, dense = _checkpoint(family, tmp_path)
-    meta = empty_model(dense)
+    dense, meta = _empty_llama(tmp_path)
     layers = meta.model.layers
     seen = []
     original = scoring.forward_layer
 
     def counting(layer, hidden, arguments):
         outside = [n for n, p in meta.named_parameters() if not n.startswith("model.layers.") and not p.is_meta]
-        seen.append((sum(any(not p.is_meta for p in l.parameters()) for l in layers), outside))
+        seen.append((_resident(layers), outside))
         return original(layer, hidden, arguments)
 
     monkeypatch.setattr(scoring, "forward_layer", counting)
