@@ -1,8 +1,10 @@
-"""Sixth-session study of the 50 % damage: can the choice of units, the refit's target or the calibration text
-take the default prune closer to dense? Hold-out of the CALIBRATION split and dev sets only, never test text.
+"""Sixth-session study of the 50 % damage: can the choice of units, the refit's target, the calibration text or
+training each layer after the refit take the default prune closer to dense? Hold-out of the CALIBRATION split
+and dev sets only, never test text.
 
     python benchmarks/refit_study.py --ratio 0.5
     python benchmarks/refit_study.py --ratio 0.2
+    python benchmarks/refit_study.py --ratio 0.5 --configs "layer-wise training" --train 8,3e-4
 
 Same set-up as benchmarks/holdout_selection.py (SmolLM2-135M; the plan from the first 32 windows of 128
 tokens of the Wikipedia calibration stream, the refit from its first 128; hold-out = windows 300-363; the
