@@ -52,6 +52,7 @@ from holdout_selection import docstring_stream
 
 CONFIGS = ("default", "refit-aware channels", "dense target", "self-calibration", "self-calibrated refit",
            "layer-wise training")
+TRAIN = "4,1e-4"  # the layer-wise training's epochs and learning rate unless --train says otherwise
 
 
 def main() -> int:
@@ -60,7 +61,7 @@ def main() -> int:
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--out", default="benchmarks/results/refit_study.json")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--train", default="4,1e-4", help="layer-wise training: epochs,lr")
+    parser.add_argument("--train", default=TRAIN, help="layer-wise training: epochs,lr")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dense, tokenizer = load_smollm2()
@@ -102,7 +103,7 @@ def main() -> int:
         if label == "layer-wise training":
             epochs, lr = args.train.split(",")
             train_layerwise(dense, pruned, refit_rows, int(epochs), float(lr))
-            label += "" if args.train == "4,1e-4" else f" ({epochs} epochs, lr {lr})"
+            label += "" if args.train == TRAIN else f" ({epochs} epochs, lr {lr})"
         entry = {**measure(pruned), "seconds": round(time.perf_counter() - start, 1),
                  "parameters": this_plan.params["total_after"]}
         results[f"{args.ratio:g} {label}"] = entry
