@@ -43,6 +43,7 @@ from .scoring.cache import ScoreCache, estimator_record, fingerprint
 from .scoring.calibration import CalibrationStats, as_batches, calibrate, check_token_ids
 from .scoring.candidates import block_importance, candidates_of, validate_scores
 from .stages.base import Stage, StageContext
+from .stages.reconstruct import OPTIONS as RECONSTRUCT_OPTIONS
 from .stages.reconstruct import ReconstructStage
 from .streaming.checkpoint import CheckpointWeights
 from .streaming.offloaded import disk_offloaded
@@ -102,7 +103,8 @@ class Pruner:
         multiple: kept MLP widths are rounded to a multiple of this.
         reconstruct: after apply, refit the projections that read removed units in closed form on
             the calibration batches (``adaprune.stages.reconstruct``); a dict gives its options
-            (``damping``, ``samples``, ``target``, ``bias``, ``add_bias``, ``anchor``); False skips it.
+            (``damping``, ``samples``, ``target``, ``bias``, ``add_bias``, ``anchor``, and ``epochs``,
+            ``lr`` for the layer-wise training after the refit); False skips it.
         stages: further stages after apply (see ``adaprune.stages``), run after reconstruction.
         offload: a safetensors checkpoint folder holding `model`'s weights, for a model larger than
             memory: `model` may then be on the meta device (``adaprune.streaming.empty_model``), the
@@ -156,7 +158,7 @@ class Pruner:
                 [ReconstructStage()] if reconstruct else []
         except TypeError as error:
             raise ConfigurationError(f"reconstruct options {reconstruct} are not understood ({error}); it takes "
-                                     "damping, samples, target, bias, add_bias and anchor.") from None
+                                     f"{', '.join(RECONSTRUCT_OPTIONS)}.") from None
         self.stages = first + list(stages)
         self.progress = progress
         self.weights = CheckpointWeights(offload) if offload is not None else None

@@ -5,6 +5,7 @@ and dev sets only, never test text.
     python benchmarks/refit_study.py --ratio 0.5
     python benchmarks/refit_study.py --ratio 0.2
     python benchmarks/refit_study.py --ratio 0.5 --configs "layer-wise training" --train 8,3e-4
+    python benchmarks/refit_study.py --ratio 0.5 --configs "trained refit" --train 8,1e-3 --threads 2
 
 Same set-up as benchmarks/holdout_selection.py (SmolLM2-135M; the plan from the first 32 windows of 128
 tokens of the Wikipedia calibration stream, the refit from its first 128; hold-out = windows 300-363; the
@@ -25,6 +26,9 @@ suite result reads, length-normalised accuracy). One default plan per ratio; the
   Adam (lr 1e-4, 4 epochs over the 128 refit rows, 4 rows a step) to give the dense layer's output on the
   pruned model's own inputs (mean squared error), the inputs carried through the layers trained before:
   a local repair that trains, between the closed-form refit and the recovery.
+* ``trained refit``: the library's version of it (``reconstruct={"epochs": E, "lr": L}``, from ``--train E,L``):
+  each layer trained right after its own refit, its kept entries only, on the masked model (the same plan
+  sliced or masked), the inputs carried through the layers refitted and trained before.
 
 Writes benchmarks/results/refit_study.json (entries of other ratios are kept).
 """
@@ -51,7 +55,7 @@ from adaprune.vocabulary import Level
 from holdout_selection import docstring_stream
 
 CONFIGS = ("default", "refit-aware channels", "dense target", "self-calibration", "self-calibrated refit",
-           "layer-wise training")
+           "layer-wise training", "trained refit")
 TRAIN = "4,1e-4"  # the layer-wise training's epochs and learning rate unless --train says otherwise
 
 
@@ -88,8 +92,13 @@ def main() -> int:
     for label in args.configs.split(","):
         start = time.perf_counter()
         pruned = copy.deepcopy(dense)
-        pruner = Pruner(pruned, ratio=args.ratio, progress=False,
-                        reconstruct={"target": "dense"} if label == "dense target" else True)
+        # The refit alone (as this study began, before the library trained layers), unless the config says otherwise.
+        reconstruct = {"target": "dense", "epochs": 0} if label == "dense target" else {"epochs": 0}
+        if label == "trained refit":  # the library's layer-wise training (reconstruct epochs, lr)
+            epochs, lr = args.train.split(",")
+            reconstruct = {"epochs": int(epochs), "lr": float(lr)}
+            label += f" ({epochs} epochs, lr {lr})"
+        pruner = Pruner(pruned, ratio=args.ratio, progress=False, reconstruct=reconstruct)
         this_plan, rows = plan, refit_rows
         if label.startswith("self-calibrat"):
             if sampled is None:

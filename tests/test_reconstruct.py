@@ -64,8 +64,10 @@ def test_dense_target_and_options_are_recorded():
                     reconstruct={"target": "dense", "damping": 0.1, "samples": 6})
     plan = pruner.plan(random_batches(97, count=2, batch=4, seq=16))
     pruner.apply(plan)
+    defaults = ReconstructStage().options
     assert plan.settings["stages"]["reconstruct"] == {"damping": 0.1, "samples": 6, "target": "dense", "bias": True,
-                                                      "add_bias": False, "anchor": "dense"}
+                                                      "add_bias": False, "anchor": "dense",
+                                                      "epochs": defaults["epochs"], "lr": defaults["lr"]}
     assert plan.stages["reconstruct"]["rows"] == 6
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
@@ -106,7 +108,9 @@ def test_without_calibration_it_is_skipped_and_says_so():
 
 @pytest.mark.parametrize("options, match", [({"damping": 0}, "damping"), ({"target": "x"}, "target"),
                                             ({"samples": 0}, "samples"), ({"nope": 1}, "not understood"),
-                                            ({"anchor": "x"}, "anchor")])
+                                            ({"anchor": "x"}, "anchor"), ({"epochs": -1}, "epochs"),
+                                            ({"epochs": 1.5}, "epochs"), ({"lr": 0}, "lr"),
+                                            ({"lr": float("nan")}, "lr"), ({"lr": "fast"}, "lr")])
 def test_bad_options_are_refused(options, match):
     with pytest.raises(ConfigurationError, match=match):
         Pruner(build(FAMILIES[0], SHAPE), reconstruct=options)
@@ -121,7 +125,8 @@ def test_the_bias_refit_keeps_the_mean_output_as_flaps_compensation_does():
     batches = random_batches(97, count=2, batch=4, seq=16)
     first = "model.layers.0.self_attn.o_proj"
     dense_mean = output_mean(model, batches, first)
-    pruner = Pruner(model, ratio=0.4, estimators=["fluctuation"], fusion="fixed", mode="mask", progress=False)
+    pruner = Pruner(model, ratio=0.4, estimators=["fluctuation"], fusion="fixed", mode="mask", progress=False,
+                    reconstruct={"epochs": 0})  # the refit alone: the training after it aims at the whole layer
     pruner.apply(pruner.plan(batches))
     torch.testing.assert_close(output_mean(model, batches, first), dense_mean, rtol=1e-4, atol=1e-4)
 
@@ -163,6 +168,8 @@ def test_switched_on_biases_go_again_on_restore():
 
 
 def _refitted_weights(options) -> dict[str, torch.Tensor]:
+    """The refit alone (no training after it), with `options`."""
+    options = {**options, "epochs": 0} if options else options
     model = build(family("llama"), SHAPE)
     pruner = Pruner(model, ratio=0.3, estimators=["activation"], fusion="fine", reconstruct=options, progress=False)
     pruner.apply(pruner.plan(random_batches(97, count=4, batch=4, seq=16)))
@@ -188,3 +195,76 @@ def test_empty_options_mean_the_defaults_not_off():
     plan = pruner.plan(random_batches(97, count=4, batch=4, seq=16))
     pruner.apply(plan)
     assert plan.stages["reconstruct"]["layers"] and plan.stages["reconstruct"]["anchor"] == "dense"
+
+
+TRAINING = {"epochs": 8, "lr": 1e-2}  # tiny random layers: a few steps at a large rate fit them
+
+
+@pytest.mark.parametrize("name", [f.name for f in FAMILIES])
+def test_layer_training_brings_the_model_closer_than_the_refit_alone_and_mask_equals_slice(name):
+    """The same plan refitted, then trained: closer to dense on held-out tokens; masked and sliced
+    give the same logits (so the removed entries stayed zero through the training); restore() undoes it."""
+    batches = random_batches(97, count=4, batch=4, seq=16)
+    held_out = random_batches(97, count=1, batch=4, seq=16, seed=7)[0]
+    errors, plan = {}, None
+    for trained in (False, True):
+        model = build(family(name), SHAPE)
+        with torch.no_grad():
+            dense = model(input_ids=held_out).logits
+        pruner = Pruner(model, ratio=0.3, estimators=["activation"], fusion="fine", mode="mask", progress=False,
+                        reconstruct={**TRAINING, "epochs": TRAINING["epochs"] if trained else 0})
+        plan = plan or pruner.plan(batches)
+        pruner.apply(plan, calibration=batches)
+        errors[trained] = output_error(model, dense, held_out)
+    assert errors[True] < errors[False], errors
+    training = [layer["training"] for layer in plan.stages["reconstruct"]["layers"]]
+    assert len(training) == SHAPE.layers and any(t["loss_after"] < t["loss_before"] for t in training), training
+    assert all(t["loss_after"] < t["loss_before"] or t["kept"] == "refit" for t in training), training
+    with torch.no_grad():
+        masked = model(input_ids=held_out).logits
+    pruner.restore()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=held_out).logits, dense, rtol=0, atol=0)
+    sliced = build(family(name), SHAPE)
+    Pruner(sliced, ratio=0.3, estimators=["activation"], fusion="fine", reconstruct=TRAINING,
+           progress=False).apply(plan, calibration=batches)
+    with torch.no_grad():
+        torch.testing.assert_close(sliced(input_ids=held_out).logits, masked, rtol=1e-4, atol=1e-4)
+
+
+def test_training_that_fits_worse_leaves_the_refit_as_it_was():
+    """A learning rate far too large makes the layer worse: the refit's weights are kept, and the report says so."""
+    batches = random_batches(97, count=2, batch=4, seq=16)
+    weights = {}
+    for options in ({"epochs": 0}, {"epochs": 2, "lr": 0.9}):
+        model = build(family("llama"), SHAPE)
+        pruner = Pruner(model, ratio=0.3, estimators=["activation"], fusion="fine", reconstruct=options,
+                        progress=False)
+        plan = pruner.plan(batches)
+        pruner.apply(plan)
+        weights[options["epochs"]] = [p.detach().clone() for p in model.parameters()]
+    assert all(layer["training"]["kept"] == "refit" for layer in plan.stages["reconstruct"]["layers"])
+    assert all(torch.equal(a, b) for a, b in zip(weights[0], weights[2]))
+
+
+def test_a_half_precision_model_trains_in_float32_and_stays_in_its_dtype():
+    model = build(family("llama"), SHAPE).to(torch.bfloat16)
+    pruner = Pruner(model, ratio=0.3, estimators=["activation"], fusion="fine", reconstruct=TRAINING, progress=False)
+    plan = pruner.plan(random_batches(97, count=2, batch=4, seq=16))
+    pruner.apply(plan)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert any("loss_after" in layer["training"] and "kept" not in layer["training"]
+               for layer in plan.stages["reconstruct"]["layers"])
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+
+
+@pytest.mark.parametrize("ratio, epochs", [(0.2, 0), (0.5, 8)])
+def test_auto_epochs_train_only_when_a_third_or_more_goes(ratio, epochs):
+    model = build(family("llama"), SHAPE)
+    pruner = Pruner(model, ratio=ratio, estimators=["activation"], fusion="fine", progress=False)
+    plan = pruner.plan(random_batches(97, count=2, batch=4, seq=16))
+    pruner.apply(plan)
+    report = plan.stages["reconstruct"]
+    assert plan.settings["stages"]["reconstruct"]["epochs"] == "auto" and report["epochs_trained"] == epochs
+    assert any("training" in layer for layer in report["layers"]) == (epochs > 0)

@@ -107,6 +107,27 @@ def test_streamed_blocks_and_compensation_equal_in_memory(tmp_path):
     assert torch.equal(_logits(tmp_path / "streamed", ids), _logits(tmp_path / "in-memory", ids))
 
 
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f.name in ("llama", "bloom")], ids=lambda f: f.name)
+def test_streamed_layer_training_equals_in_memory(family, tmp_path):
+    """The refit's layer-wise training (one layer and its rows resident) gives what it gives in memory."""
+    model, dense = _checkpoint(family, tmp_path)
+    options = dict(STREAMABLE, ratio=0.3, reconstruct={"epochs": 3, "lr": 1e-2})
+    in_memory = Pruner(model, **options)
+    expected = in_memory.plan(_batches())
+    in_memory.save(expected, tmp_path / "in-memory")
+    streamed = Pruner(empty_model(dense, trust_remote_code=family.trust_remote_code), offload=dense, **options)
+    plan = streamed.plan(_batches())
+    streamed.save(plan, tmp_path / "streamed")
+    trained = [layer["training"] for layer in plan.stages["reconstruct"]["layers"]]
+    assert len(trained) == SHAPE.layers
+    for got, want in zip(trained, (layer["training"] for layer in expected.stages["reconstruct"]["layers"])):
+        assert got.keys() == want.keys() and got.get("kept") == want.get("kept")
+        assert got["loss_after"] == pytest.approx(want["loss_after"], rel=1e-4)
+    ids = _batches(seed=7)[0]
+    torch.testing.assert_close(_logits(tmp_path / "streamed", ids), _logits(tmp_path / "in-memory", ids),
+                               rtol=1e-4, atol=1e-4)
+
+
 def _empty_llama(tmp_path):
     """A Llama checkpoint on disk, and the same model with every weight on the meta device."""
     _, dense = _checkpoint(next(f for f in FAMILIES if f.name == "llama"), tmp_path)

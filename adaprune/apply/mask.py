@@ -24,12 +24,14 @@ class MaskHandle:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self._saved: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = []
+        self._zeroed: list[tuple[torch.Tensor, int, torch.Tensor]] = []  # what the plan removed
         self._added_biases: list[nn.Linear] = []
         self._config: list[tuple[object, str, object]] = []
 
     def zero(self, tensor: torch.Tensor, dim: int, positions: torch.Tensor) -> None:
         positions = positions.to(tensor.device)
         self._saved.append((tensor, dim, positions, tensor.detach().index_select(dim, positions).clone()))
+        self._zeroed.append((tensor, dim, positions))
         with torch.no_grad():
             tensor.index_fill_(dim, positions, 0)
 
@@ -64,9 +66,20 @@ class MaskHandle:
                 values.index_copy_(dim, positions, old)
         return values
 
+    def removed(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """The entries of `tensor` the mask zeroed (a boolean tensor of its shape), or None if none."""
+        removed = None
+        for zeroed, dim, positions in self._zeroed:
+            if zeroed is tensor:
+                if removed is None:
+                    removed = torch.zeros(tensor.shape, dtype=torch.bool, device=tensor.device)
+                removed.index_fill_(dim, positions, True)
+        return removed
+
     def release(self) -> None:
         """Forget the saved values: the model stays as it is now, and counts as masked no more."""
         self._saved.clear()
+        self._zeroed.clear()
         self._added_biases.clear()
         self._config.clear()
         if getattr(self.model, MASKED, None) is self:

@@ -21,6 +21,9 @@ a domain-shift dev text (benchmarks/holdout_selection.py anchor): damping 1 from
 and from 128 rows (the default calibration) damping 0.3, the default. A system that will not factor gets ten times more damping (recorded in the report),
 never NaN. Memory: one layer's Gram matrices and that layer's calibration hidden states at a time.
 
+With `epochs` > 0, each layer is then trained by gradient steps towards the same target
+(`layer_training.py`): a repair the closed form cannot make, at high ratios.
+
 The stage runs on the model masked by the plan: the MaskHandle still holds the removed values,
 from which the dense layer is rebuilt one layer at a time.
 """
@@ -47,10 +50,14 @@ from ..units.model_state import frozen
 from ..units.table import LayerUnits
 from ..vocabulary import BlockKind
 from .base import Stage, StageContext
+from .layer_training import TrainingSettings, train_layer
 
+OPTIONS = ("damping", "samples", "target", "bias", "add_bias", "anchor", "epochs", "lr")  # ReconstructStage's
 TARGETS = ("pruned", "dense")
 ANCHORS = ("zero", "dense")
 MAX_RETRIES = 6
+AUTO_EPOCHS, AUTO_FROM = 8, 1 / 3  # epochs="auto": 8 epochs (lr 1e-3) once a third of the prunable parameters go
+ROWS_PER_BATCH = 4  # also the training's step, as benchmarks/refit_study.py measured it
 
 
 @dataclass
@@ -66,11 +73,12 @@ class _Projection:
 @dataclass
 class LayerwiseState:
     """The calibration hidden states entering the next layer: on the pruned path, on the dense path
-    (target "dense" only), and the arguments the model passes to its layers."""
+    (target "dense" only), the arguments the model passes to its layers, and how long each layer trains."""
 
     hidden: list[torch.Tensor]
     dense_hidden: list[torch.Tensor] | None
     arguments: list
+    epochs: int  # of layer-wise training after each refit
 
 
 class ReconstructStage(Stage):
@@ -84,7 +92,11 @@ class ReconstructStage(Stage):
     biases to that block in every layer, so that the refit can fit them; the stock config then
     describes the model, which has a few more parameters: recorded as `parameters_added`), `anchor`
     (what the ridge pulls the kept weights towards: ``"zero"``, the plain ridge, or ``"dense"``, the
-    dense weights, so that a large damping leaves them as they were and a small one refits fully).
+    dense weights, so that a large damping leaves them as they were and a small one refits fully),
+    `epochs` and `lr` (after the refit, train every weight matrix of the layer, its kept entries, by
+    Adam at learning rate `lr` for `epochs` passes over the rows to give the dense layer's output:
+    ``adaprune.stages.layer_training``; 0 epochs skips it; ``"auto"``, the default, trains 8 epochs
+    when the plan removes at least a third of the prunable parameters and not otherwise).
     """
 
     name = "reconstruct"
@@ -93,7 +105,7 @@ class ReconstructStage(Stage):
     # domain-shift dev text that is no test text (benchmarks/holdout_selection.py anchor): docs/pipeline.md.
     # With fewer rows, more damping is safer (1 was best from 32).
     def __init__(self, damping: float = 0.3, samples: int = 128, target: str = "pruned", bias: bool = True,
-                 add_bias: bool = False, anchor: str = "dense"):
+                 add_bias: bool = False, anchor: str = "dense", epochs: int | str = "auto", lr: float = 1e-3):
         if not isinstance(damping, (int, float)) or isinstance(damping, bool) or not damping > 0 \
                 or not math.isfinite(damping):
             raise ConfigurationError(f"reconstruct damping must be a positive number, got {damping!r}.")
@@ -106,11 +118,17 @@ class ReconstructStage(Stage):
         if anchor not in ANCHORS:
             raise ConfigurationError(f"reconstruct anchor must be one of {ANCHORS}, got {anchor!r}.")
         self.anchor = anchor
+        if epochs != "auto" and (not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0):
+            raise ConfigurationError(f"reconstruct epochs must be a whole number >= 0 (0: no training) or 'auto', "
+                                     f"got {epochs!r}.")
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr < 1 or not math.isfinite(lr):
+            raise ConfigurationError(f"reconstruct lr must be a learning rate in (0, 1), such as 1e-3; got {lr!r}.")
+        self.epochs, self.lr = epochs, float(lr)
 
     @property
     def options(self) -> dict[str, Any]:
         return {"damping": self.damping, "samples": self.samples, "target": self.target, "bias": self.bias,
-                "add_bias": self.add_bias, "anchor": self.anchor}
+                "add_bias": self.add_bias, "anchor": self.anchor, "epochs": self.epochs, "lr": self.lr}
 
     def run(self, model: nn.Module, plan: Plan, context: StageContext) -> dict[str, Any]:
         batches = self.batches(context.batches, next(model.parameters()).device)
@@ -118,14 +136,18 @@ class ReconstructStage(Stage):
             return {**self.options, "skipped": "no calibration batches: pass calibration to plan() or apply()"}
         units, layers = context.units, context.units.spec.decoder_layers(model)
         by_layer = projections_by_layer(plan, units, model)
-        report = self.new_report(batches)
+        report = self.new_report(batches, plan)
         report["parameters_added"] = self._add_biases(model, plan, units, by_layer, context.mask)
         with frozen(model), torch.no_grad():
-            state = self.start(model, layers[0], batches)
-            for layer_units, layer in tqdm(list(zip(units, layers)), desc="reconstruction", unit="layer",
-                                           disable=not context.progress):
+            state = self.start(model, layers[0], batches, plan)
+            bar = tqdm(list(zip(units, layers)), desc="reconstruction", unit="layer", disable=not context.progress)
+            for layer_units, layer in bar:
                 self.refit_layer(layer, layer_units, units.spec, by_layer.get(layer_units.index, []), state,
                                  context.mask, report)
+                training = report["layers"][-1].get("training") if report["layers"] else None
+                if training:
+                    after = "kept the refit" if training.get("kept") else f"{training['loss_after']:.3g}"
+                    bar.set_postfix(layer=layer_units.index, loss=f"{training['loss_before']:.3g} -> {after}")
         return report
 
     # ---- the steps, also driven one resident layer at a time by adaprune.streaming -----------------
@@ -135,29 +157,51 @@ class ReconstructStage(Stage):
         by_length: dict[int, list[torch.Tensor]] = {}
         for row in rows:
             by_length.setdefault(row.shape[1], []).append(row)
-        return [torch.cat(group[i:i + 8]).to(device) for group in by_length.values() for i in range(0, len(group), 8)]
+        return [torch.cat(group[i:i + ROWS_PER_BATCH]).to(device)
+                for group in by_length.values() for i in range(0, len(group), ROWS_PER_BATCH)]
 
-    def new_report(self, batches: list[torch.Tensor]) -> dict[str, Any]:
+    def new_report(self, batches: list[torch.Tensor], plan: Plan) -> dict[str, Any]:
         return {**self.options, "rows": sum(b.shape[0] for b in batches), "tokens": sum(b.numel() for b in batches),
-                "layers": [], "warnings": [], "parameters_added": 0}
+                "epochs_trained": self.training_epochs(plan), "layers": [], "warnings": [], "parameters_added": 0}
 
-    def start(self, model: nn.Module, first_layer: nn.Module, batches: list[torch.Tensor]) -> LayerwiseState:
-        """The hidden states entering the first decoder layer (both paths) and the layers' arguments."""
+    def training_epochs(self, plan: Plan) -> int:
+        """The layer-wise training's epochs for `plan` (``"auto"``: by the fraction of prunable parameters it removes)."""
+        if self.epochs != "auto":
+            return self.epochs
+        # Measured at 50 %: better on the calibration hold-out and a domain-shift dev text; at 20 %: better in
+        # domain, worse out of it, for minutes of CPU (docs/pipeline.md §9). Between the two it was not measured.
+        removed = plan.params["removed"] / max(plan.params["prunable_before"], 1)
+        return AUTO_EPOCHS if removed >= AUTO_FROM else 0
+
+    def start(self, model: nn.Module, first_layer: nn.Module, batches: list[torch.Tensor],
+              plan: Plan) -> LayerwiseState:
+        """The hidden states entering the first decoder layer (both paths), the layers' arguments, the epochs."""
         hidden, arguments = layer_inputs(model, first_layer, batches)
-        return LayerwiseState(hidden, [h.clone() for h in hidden] if self.target == "dense" else None, arguments)
+        return LayerwiseState(hidden, [h.clone() for h in hidden] if self.target == "dense" else None, arguments,
+                              self.training_epochs(plan))
 
     def refit_layer(self, layer: nn.Module, layer_units: LayerUnits, spec, projections: list[_Projection],
                     state: LayerwiseState, mask: MaskHandle, report: dict[str, Any]) -> None:
         """Refit one masked decoder layer's `projections` on `state`, then carry `state` past the layer."""
-        dense_layer = _dense_copy(layer, mask) if projections or state.dense_hidden is not None else None
+        pruned = any(mask.removed(param) is not None for param in layer.parameters())
+        train = state.epochs > 0 and pruned
+        dense_layer = _dense_copy(layer, mask) if projections or train or state.dense_hidden is not None else None
         fitted = []
         for block, group in _in_order(projections, layer_units, spec):
             fitted += self._refit(layer, dense_layer, block, group, state.hidden, state.dense_hidden,
                                   state.arguments, mask, report["warnings"], layer_units.index)
-        if fitted:
-            report["layers"].append({"layer": layer_units.index, "projections": fitted})
+        entry: dict[str, Any] = {"layer": layer_units.index, "projections": fitted}
+        dense_outputs = None
+        if state.dense_hidden is not None or train:
+            inputs = state.dense_hidden if state.dense_hidden is not None else state.hidden
+            dense_outputs = [forward_layer(dense_layer, h, k) for h, k in zip(inputs, state.arguments)]
+        if train:
+            entry["training"] = train_layer(layer, state.hidden, dense_outputs, state.arguments, mask,
+                                            TrainingSettings(state.epochs, self.lr), seed=layer_units.index)
+        if fitted or train:
+            report["layers"].append(entry)
         if state.dense_hidden is not None:
-            state.dense_hidden = [forward_layer(dense_layer, h, k) for h, k in zip(state.dense_hidden, state.arguments)]
+            state.dense_hidden = dense_outputs
         state.hidden = [forward_layer(layer, h, k) for h, k in zip(state.hidden, state.arguments)]
 
     def _add_biases(self, model: nn.Module, plan: Plan, units, by_layer: dict[int, list[_Projection]],

@@ -64,8 +64,8 @@ def write_streamed(model: nn.Module, table: UnitTable, plan: Plan, weights: Chec
             write({name: _tensor(model, name) for name in outside if name in weights.files}, 1)
             batches = reconstruct.batches(list(calibration), torch.device("cpu")) if reconstruct else []
             if batches:
-                report = reconstruct.new_report(batches)
-                state = reconstruct.start(model, spec.decoder_layers(model)[0], batches)
+                report = reconstruct.new_report(batches, plan)
+                state = reconstruct.start(model, spec.decoder_layers(model)[0], batches, plan)
             elif reconstruct is not None:
                 report = {**reconstruct.options, "skipped": "no calibration batches: pass calibration to plan()"}
         finally:

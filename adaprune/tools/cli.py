@@ -188,13 +188,13 @@ def check_prune_arguments(args: argparse.Namespace) -> dict[str, Any]:
         if not args.reconstruct:
             raise AdapruneError("--reconstruct-options is given with --no-reconstruct; drop one of them.")
         reconstruct = _json_object("--reconstruct-options", args.reconstruct_options, '{"damping": 0.01}')
-        from ..stages.reconstruct import ReconstructStage
+        from ..stages.reconstruct import OPTIONS, ReconstructStage
 
         try:
             ReconstructStage(**reconstruct)
         except (TypeError, ValueError) as error:
             raise AdapruneError(f"--reconstruct-options {reconstruct} are not understood ({error}); it takes "
-                                "damping, samples, target, bias, add_bias and anchor.") from error
+                                f"{', '.join(OPTIONS)}.") from error
     if not Path(args.model).exists():
         raise AdapruneError(f"{args.model} does not exist: give a checkpoint folder (config.json and weights) or a "
                             ".gguf file.")
