@@ -66,6 +66,10 @@ class MaskHandle:
                 values.index_copy_(dim, positions, old)
         return values
 
+    def zeroes(self, tensor: torch.Tensor) -> bool:
+        """Whether the mask zeroed any entry of `tensor`."""
+        return any(zeroed is tensor for zeroed, _, _ in self._zeroed)
+
     def removed(self, tensor: torch.Tensor) -> torch.Tensor | None:
         """The entries of `tensor` the mask zeroed (a boolean tensor of its shape), or None if none."""
         removed = None

@@ -183,7 +183,7 @@ class ReconstructStage(Stage):
     def refit_layer(self, layer: nn.Module, layer_units: LayerUnits, spec, projections: list[_Projection],
                     state: LayerwiseState, mask: MaskHandle, report: dict[str, Any]) -> None:
         """Refit one masked decoder layer's `projections` on `state`, then carry `state` past the layer."""
-        pruned = any(mask.removed(param) is not None for param in layer.parameters())
+        pruned = any(mask.zeroes(param) for param in layer.parameters())
         train = state.epochs > 0 and pruned
         dense_layer = _dense_copy(layer, mask) if projections or train or state.dense_hidden is not None else None
         fitted = []
