@@ -31,6 +31,7 @@ from which the dense layer is rebuilt one layer at a time.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -52,7 +53,6 @@ from ..vocabulary import BlockKind
 from .base import Stage, StageContext
 from .layer_training import TrainingSettings, train_layer
 
-OPTIONS = ("damping", "samples", "target", "bias", "add_bias", "anchor", "epochs", "lr")  # ReconstructStage's
 TARGETS = ("pruned", "dense")
 ANCHORS = ("zero", "dense")
 MAX_RETRIES = 6
@@ -307,6 +307,10 @@ class ReconstructStage(Stage):
             mask.replace(linear.bias, solution[:, k])
         return {"projection": projection.path, "kept_inputs": len(kept), "damping": damping,
                 "damping_raised": raised}
+
+
+#: The options `ReconstructStage` takes (for error messages), read from its signature so they cannot drift.
+OPTIONS = tuple(inspect.signature(ReconstructStage).parameters)
 
 
 class _Moments:
