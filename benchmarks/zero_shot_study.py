@@ -17,7 +17,8 @@ Configurations: ``recovery 100`` (what the quality benchmark ran); ``trained + r
 training, 8 epochs at lr 1e-3, then the recovery); ``recovery 200`` and the like (any step count). Each line
 is also measured before its recovery (``default``, ``trained``). Without a recovery: ``no reconstruction``
 (the same plan, no refit) and ``self-calibration`` (plan and refit from half Wikipedia, half text sampled
-from the dense model, ``adaprune.stages.recover.teacher_samples``): where is the damage, the cut or the refit?
+from the dense model, ``adaprune.stages.recover.teacher_samples``), ``self-calibrated plan`` (that plan, the
+refit from Wikipedia alone): where is the damage, the cut or the refit?
 
 Writes benchmarks/results/zero_shot_study.json.
 """
@@ -40,7 +41,7 @@ from adaprune.tools.suite import default_data_dir, load_task_examples
 from holdout_selection import docstring_stream
 from refit_study import mix
 
-BASES = ("default", "trained", "no reconstruction", "self-calibration")  # measured without a recovery
+BASES = ("default", "trained", "no reconstruction", "self-calibration", "self-calibrated plan")  # measured without a recovery
 CONFIGS = ("recovery 100", "trained + recovery 100", "no reconstruction", "self-calibration")
 PROXY_TASKS = ("strategyqa", "sports_understanding", "winowhy", "implicatures",
                "general_knowledge")
@@ -126,9 +127,10 @@ def main() -> int:
             base, steps = label, ""
         if base not in pruned:
             plan_from, refit_from = plan_rows, refit_rows
-            if base == "self-calibration":  # half the plan's and the refit's rows sampled from the dense model
+            if base in ("self-calibration", "self-calibrated plan"):  # half the rows sampled from the dense model
                 sampled = teacher_samples(dense, 64, 128, batch_size=4, seed=0)
-                plan_from, refit_from = mix(plan_rows[:4], sampled[:4]), mix(refit_rows[:16], sampled)
+                plan_from = mix(plan_rows[:4], sampled[:4])
+                refit_from = mix(refit_rows[:16], sampled) if base == "self-calibration" else refit_rows
                 plans[base] = Pruner(dense, ratio=args.ratio, progress=False).plan(plan_from)
             reconstruct = False if base == "no reconstruction" else {"epochs": 8 if base == "trained" else 0, "lr": 1e-3}
             model = copy.deepcopy(dense)
