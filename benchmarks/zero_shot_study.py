@@ -1,5 +1,6 @@
-"""Eighth-session study of the zero-shot gap at 20 %: which repair after the cut keeps the pruned model's
-multiple-choice behaviour closest to the dense model's? Dev sets only, never the suite's items.
+"""Eighth-session study of the zero-shot gap at 20 %: is it the cut (the plan, its calibration text) or the
+repair after it (refit, layer-wise training, recovery) that moves the pruned model's multiple-choice behaviour
+away from the dense model's? Dev sets only, never the suite's items.
 
     python benchmarks/zero_shot_study.py --threads 2
     python benchmarks/zero_shot_study.py --configs "no reconstruction,self-calibration" --threads 2
@@ -15,7 +16,7 @@ the calibration split (windows past the recovery's 800).
 
 Configurations: ``recovery 100`` (what the quality benchmark ran); ``trained + recovery 100`` (the layer-wise
 training, 8 epochs at lr 1e-3, then the recovery); ``recovery 200`` and the like (any step count). Each line
-is also measured before its recovery (``default``, ``trained``). Without a recovery: ``no reconstruction``
+is also measured before its recovery (``default``, ``trained``, ``self-calibration``, ...). Without a recovery: ``no reconstruction``
 (the same plan, no refit) and ``self-calibration`` (plan and refit from half Wikipedia, half text sampled
 from the dense model, ``adaprune.stages.recover.teacher_samples``), ``self-calibrated plan`` (that plan, the
 refit from Wikipedia alone): where is the damage, the cut or the refit?
@@ -43,8 +44,7 @@ from refit_study import mix
 
 BASES = ("default", "trained", "no reconstruction", "self-calibration", "self-calibrated plan")  # measured without a recovery
 CONFIGS = ("recovery 100", "trained + recovery 100", "no reconstruction", "self-calibration")
-PROXY_TASKS = ("strategyqa", "sports_understanding", "winowhy", "implicatures",
-               "general_knowledge")
+PROXY_TASKS = ("strategyqa", "sports_understanding", "winowhy", "implicatures", "general_knowledge")
 
 
 def choice_logprobs(model, tokenizer, examples: list[dict]) -> list[torch.Tensor]:
