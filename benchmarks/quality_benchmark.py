@@ -62,7 +62,20 @@ def streams(tokenizer, args) -> dict[str, torch.Tensor]:
     return out
 
 
-def evaluate(model, tokenizer, texts: dict[str, torch.Tensor], args) -> dict[str, Any]:
+def suite_row(suite: dict[str, Any]) -> dict[str, Any]:
+    """The suite's columns of a results row; against the dense model, its paired difference and agreement too."""
+    row = {"suite_average": suite["average"], "suite_average_stderr": suite["average_stderr"],
+           "suite": {r["name"]: {k: r[k] for k in ("metric", "score", "accuracy", "accuracy_norm", "items",
+                                                   "score_delta", "score_delta_stderr", "agreement") if k in r}
+                     for r in suite["tasks"]}}
+    if "average_delta" in suite:
+        row.update(suite_delta=suite["average_delta"], suite_delta_stderr=suite["average_delta_stderr"],
+                   suite_agreement=suite["average_agreement"])
+    return row
+
+
+def evaluate(model, tokenizer, texts: dict[str, torch.Tensor], args, reference=None) -> dict[str, Any]:
+    """Perplexities and the suite; `reference` (the dense model) adds the suite's paired difference to it."""
     result: dict[str, Any] = {}
     for name, ids in texts.items():
         result[f"{name}_ppl128"] = perplexity(model, ids, seq_len=128, max_windows=args.windows)["perplexity"]
@@ -75,10 +88,8 @@ def evaluate(model, tokenizer, texts: dict[str, torch.Tensor], args) -> dict[str
         except ImportError:
             evaluate_suite = None
         if evaluate_suite is not None:
-            suite = evaluate_suite(model, tokenizer, "zero_shot", limit=args.suite_items)
-            result["suite_average"], result["suite_average_stderr"] = suite["average"], suite["average_stderr"]
-            result["suite"] = {r["name"]: {k: r[k] for k in ("metric", "score", "accuracy", "accuracy_norm", "items")}
-                               for r in suite["tasks"]}
+            result.update(suite_row(evaluate_suite(model, tokenizer, "zero_shot", limit=args.suite_items,
+                                                   reference=reference)))
     return result
 
 
@@ -190,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         del model
 
     def finish(model, row: dict[str, Any]) -> None:
-        row.update(evaluate(model, tokenizer, texts, args))
+        row.update(evaluate(model, tokenizer, texts, args, reference=dense))
         if args.save:
             name = row["config"].replace(" ", "_").replace(",", "").replace("+", "and")
             folder = Path(args.save) / f"{row['ratio']:g}-{name}"
@@ -223,10 +234,8 @@ def add_suite(args) -> int:
             continue
         model = dense if row["saved"] == "dense" else AutoModelForCausalLM.from_pretrained(
             row["saved"], trust_remote_code=True).eval()
-        suite = evaluate_suite(model, tokenizer, "zero_shot", limit=args.suite_items or None)
-        row["suite_average"], row["suite_average_stderr"] = suite["average"], suite["average_stderr"]
-        row["suite"] = {r["name"]: {k: r[k] for k in ("metric", "score", "accuracy", "accuracy_norm", "items")}
-                        for r in suite["tasks"]}
+        row.update(suite_row(evaluate_suite(model, tokenizer, "zero_shot", limit=args.suite_items or None,
+                                            reference=None if model is dense else dense)))
         write_results(payload, out)
         print(f"{row['ratio']:g} {row['config']}: suite {100 * row['suite_average']:.1f}", flush=True)
     return 0
@@ -237,11 +246,12 @@ def write_results(payload: dict[str, Any], out: Path) -> None:
     rows = payload["results"]
     dense = next((r for r in rows if r["config"] == "dense"), None)
     columns = [k for k in ("wiki_ppl128", "wiki_ppl512", "debian_ppl128", "debian_ppl512", "fortunes_ppl128",
-                           "fortunes_ppl512", "suite_average") if any(k in r for r in rows)]
+                           "fortunes_ppl512", "suite_average", "suite_delta") if any(k in r for r in rows)]
     lines = ["# Quality benchmark: SmolLM2-135M-Instruct", "", f"Command: `{payload['meta']['command']}`. "
              f"{payload['meta']['calibration']}; {payload['meta']['evaluation']}; recovery: "
              f"{payload['meta'].get('recovery', 'the calibration batches')}.", "",
-             "Perplexity (lower is better) with its multiple of dense in brackets; suite: average accuracy.", "",
+             "Perplexity (lower is better) with its multiple of dense in brackets; suite: average accuracy; "
+             "suite_delta: its difference to dense on the same items, with the paired standard error.", "",
              "| ratio | configuration | params | " + " | ".join(columns) + " | prune s | recovery s | peak RSS MB |",
              "|---|---|---:|" + "---:|" * len(columns) + "---:|---:|---:|"]
     for r in rows:
@@ -252,6 +262,9 @@ def write_results(payload: dict[str, Any], out: Path) -> None:
                 cells.append("–")
             elif key == "suite_average":
                 cells.append(f"{100 * value:.1f}")
+            elif key == "suite_delta":  # paired against dense on the same items; how often both answer alike
+                cells.append(f"{100 * value:+.1f} ± {100 * r['suite_delta_stderr']:.1f} "
+                             f"(same answer {100 * r['suite_agreement']:.0f} %)")
             else:
                 cells.append(f"{value:.2f}" + (f" ({value / dense[key]:.2f}x)" if dense and key in dense else ""))
         lines.append(f"| {r['ratio']:g} | {r['config']} | {r['params']:,} | " + " | ".join(cells)

@@ -19,7 +19,11 @@ training, 8 epochs at lr 1e-3, then the recovery); ``recovery 200`` and the like
 is also measured before its recovery (``default``, ``trained``, ``self-calibration``, ...). Without a recovery: ``no reconstruction``
 (the same plan, no refit) and ``self-calibration`` (plan and refit from half Wikipedia, half text sampled
 from the dense model, ``adaprune.stages.recover.teacher_samples``), ``self-calibrated plan`` (that plan, the
-refit from Wikipedia alone): where is the damage, the cut or the refit?
+refit from Wikipedia alone): where is the damage, the cut or the refit? Ninth session, other plans, the refit
+on Wikipedia: ``sampled plan 2/8`` (a quarter of the plan's batches sampled), ``cap 0.4`` (global allocation
+with ``max_layer_fraction``), ``channels only`` (no KV group removed), ``uniform`` (the same share from every
+layer), ``second draw`` (the default plan from calibration rows 32-63, the plan's own noise). Scoring stays the study's own ``choice_logprobs``, so that its rows compare with the eighth session's;
+the library's ``multiple_choice(..., reference=dense)`` now measures the same agreement for users.
 
 Writes benchmarks/results/zero_shot_study.json.
 """
@@ -42,7 +46,8 @@ from adaprune.tools.suite import default_data_dir, load_task_examples
 from holdout_selection import docstring_stream
 from refit_study import mix
 
-BASES = ("default", "trained", "no reconstruction", "self-calibration", "self-calibrated plan")  # measured without a recovery
+BASES = ("default", "trained", "no reconstruction", "self-calibration", "self-calibrated plan", "channels only",
+         "uniform", "second draw")  # measured without a recovery
 CONFIGS = ("recovery 100", "trained + recovery 100", "no reconstruction", "self-calibration")
 PROXY_TASKS = ("strategyqa", "sports_understanding", "winowhy", "implicatures", "general_knowledge")
 
@@ -123,7 +128,7 @@ def main() -> int:
     pruned: dict[str, torch.nn.Module] = {}
     for label in args.configs.split(","):
         base, _, steps = label.partition(" + recovery ") if " + " in label else ("default", "", label.split()[-1])
-        if label in BASES:
+        if label in BASES or label.startswith(("cap ", "sampled plan ")):
             base, steps = label, ""
         if base not in pruned:
             plan_from, refit_from = plan_rows, refit_rows
@@ -132,6 +137,18 @@ def main() -> int:
                 plan_from = mix(plan_rows[:4], sampled[:4])
                 refit_from = mix(refit_rows[:16], sampled) if base == "self-calibration" else refit_rows
                 plans[base] = Pruner(dense, ratio=args.ratio, progress=False).plan(plan_from)
+            elif base.startswith("sampled plan "):  # "sampled plan 2/8": that share of the plan's batches sampled
+                share = int(base.split()[-1].split("/")[0])
+                sampled = teacher_samples(dense, 4 * share, 128, batch_size=4, seed=0)
+                plans[base] = Pruner(dense, ratio=args.ratio, progress=False).plan(plan_rows[:8 - share] + sampled)
+            elif base in ("channels only", "uniform"):  # no KV group removed; the same share from every layer
+                options = {"units": ("channels",)} if base == "channels only" else {"allocation": "uniform"}
+                plans[base] = Pruner(dense, ratio=args.ratio, progress=False, **options).plan(plan_rows)
+            elif base == "second draw":  # the default plan from the next 32 calibration rows: the plan's own noise
+                plans[base] = Pruner(dense, ratio=args.ratio, progress=False).plan(refit_rows[8:16])
+            elif base.startswith("cap "):  # "cap 0.4": no layer loses more than that share of its prunable parameters
+                plans[base] = Pruner(dense, ratio=args.ratio, progress=False, allocation_options={
+                    "max_layer_fraction": float(base.split()[-1])}).plan(plan_rows)
             reconstruct = False if base == "no reconstruction" else {"epochs": 8 if base == "trained" else 0, "lr": 1e-3}
             model = copy.deepcopy(dense)
             started = time.perf_counter()

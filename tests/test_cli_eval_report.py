@@ -57,6 +57,18 @@ def test_eval_perplexity_and_multiple_choice(files, capsys):
     assert "perplexity" in printed and "on 2 items" in printed
 
 
+def test_eval_multiple_choice_against_a_reference(files, capsys):
+    out = files / "results" / "compared.json"
+    assert main(["eval", str(files / "model"), "--text", str(files / "text.txt"), "--seq-len", "16",
+                 "--mc", str(files / "task.json"), "--reference", str(files / "model"), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["agreement"] == 1 and result["accuracy_delta"] == 0 and result["reference"] == str(files / "model")
+    assert "same choice on 100.0% of the items" in capsys.readouterr().out
+    assert main(["eval", str(files / "model"), "--text", str(files / "text.txt"), "--seq-len", "16",
+                 "--reference", str(files / "model")]) == 2
+    assert "--reference compares multiple-choice answers" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not SOCIAL_IQA.is_file(), reason="the shared Social IQa task is not here")
 def test_eval_reads_the_big_bench_task(files):
     out = files / "siqa.json"

@@ -15,8 +15,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from adaprune.tools import data
-from adaprune.tools.evaluate import (load_mc_task, multiple_choice, perplexity, prefill_tokens_per_second,
-                               tokens_per_second)
+from adaprune.tools.evaluate import (choice_loglikelihoods, load_mc_task, multiple_choice, perplexity,
+                                    prefill_tokens_per_second, tokens_per_second)
 
 VOCAB = 100
 WORDS = ["<pad>", "<unk>", "good", "bad", "is", "it", "a", "b", "c", "d"]
@@ -140,6 +140,44 @@ def test_multiple_choice_rigged_model(tmp_path, tokenizer) -> None:
 
     assert multiple_choice(model, tokenizer, load_mc_task(path), limit=1)["accuracy"] == 1.0
     assert multiple_choice(model, tokenizer, examples, limit=2)["items"] == 2
+
+
+RIGGED = [
+    {"input": "it is ", "target_scores": {"bad": 0, "good": 1}},
+    {"input": "it is", "target_scores": {"bad": 0, "good good good good good": 1}},
+    {"input": "a b", "target_scores": {"good c": 0, "bad": 1, "good": 0}},
+]
+
+
+def test_multiple_choice_against_a_reference_pairs_the_items(tokenizer) -> None:
+    prefers_good, prefers_bad = FixedDistributionLM({2: 0.5, 3: 0.1}), FixedDistributionLM({3: 0.5, 2: 0.1})
+    # Summed log-likelihood picks: good, bad, good (right, wrong, wrong) against bad, bad, bad (wrong, wrong, right).
+    result = multiple_choice(prefers_good, tokenizer, RIGGED, reference=prefers_bad)
+    assert result["accuracy"] == pytest.approx(1 / 3) and result["reference_accuracy"] == pytest.approx(1 / 3)
+    assert result["accuracy_delta"] == 0 and result["agreement"] == pytest.approx(1 / 3)
+    # per-item differences +1, 0, -1: mean 0, standard error sqrt(mean(d^2) / n)
+    assert result["accuracy_delta_stderr"] == pytest.approx(math.sqrt(2 / 3 / 3))
+    # per character: good, good x5, good against bad, bad, bad: right, right, wrong against wrong, wrong, right
+    assert result["accuracy_norm_delta"] == pytest.approx(2 / 3 - 1 / 3) and result["agreement_norm"] == 0
+    assert result["choice_kl"] > 0
+    # the reference scored once, as its log-likelihoods, gives the same comparison
+    scores = choice_loglikelihoods(prefers_bad, tokenizer, RIGGED)
+    assert [len(item) for item in scores] == [2, 2, 3]
+    assert multiple_choice(prefers_good, tokenizer, RIGGED, reference=scores) == result
+
+
+def test_multiple_choice_against_itself_agrees_everywhere(tokenizer) -> None:
+    model = tiny_llama(seed=1)
+    examples = [{"input": f"{q} is", "target_scores": {"good": 1, "bad a": 0, "c d b": 0}} for q in "abcd"]
+    result = multiple_choice(model, tokenizer, examples, reference=model)
+    assert result["agreement"] == result["agreement_norm"] == 1 and result["choice_kl"] == pytest.approx(0, abs=1e-12)
+    assert result["accuracy_delta"] == result["accuracy_delta_stderr"] == 0
+    assert result["reference_accuracy_norm"] == result["accuracy_norm"]
+    with pytest.raises(ValueError, match="reference scores do not match the items"):
+        multiple_choice(model, tokenizer, examples, reference=[[0.0, 0.0, 0.0]])
+    other = LlamaForCausalLM(LlamaConfig(**{**model.config.to_dict(), "vocab_size": VOCAB + 1}))
+    with pytest.raises(ValueError, match="vocabulary differs"):
+        multiple_choice(model, tokenizer, examples, reference=other)
 
 
 def test_multiple_choice_on_tiny_llama_is_in_bounds(tmp_path, tokenizer) -> None:

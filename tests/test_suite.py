@@ -162,6 +162,31 @@ def test_evaluate_suite_matches_multiple_choice_and_averages(data):
     assert "labels" in table and "free" in table and "average" in table
 
 
+def test_evaluate_suite_against_a_reference_model(data):
+    model, tokenizer = build(FAMILIES[0], SHAPE), word_tokenizer()
+    result = evaluate_suite(model, tokenizer, data / "tiny.json", data_dir=data / "data", reference=model)
+    assert result["average_delta"] == 0 and result["average_delta_stderr"] == 0 and result["average_agreement"] == 1
+    assert result["reference_average"] == pytest.approx(result["average"])
+    other = build(FAMILIES[0], SHAPE, seed=1)
+    compared = evaluate_suite(model, tokenizer, data / "tiny.json", data_dir=data / "data", reference=other)
+    for row in compared["tasks"]:
+        alone = multiple_choice(model, tokenizer, load_task_examples(data / "data" / row["path"], limit=row["items"]),
+                                reference=other)
+        assert row["score_delta"] == alone[f"{row['metric']}_delta"] and row["choice_kl"] == alone["choice_kl"]
+        assert row["reference_score"] == pytest.approx(row["score"] - row["score_delta"])
+    assert "paired" in format_suite_table(compared) and "paired" not in format_suite_table(
+        evaluate_suite(model, tokenizer, data / "tiny.json", data_dir=data / "data"))
+
+
+def test_cli_suite_against_the_dense_model(data, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(data / "model"), "--suite", str(data / "tiny.json"), "--data-dir", str(data / "data"),
+                 "--reference", str(data / "model"), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["reference"] == str(data / "model") and result["suite"]["average_agreement"] == 1
+    assert "difference +0.0000 ± 0.0000 (paired)" in capsys.readouterr().out
+
+
 def test_cli_suite_writes_each_task_and_the_average(data, tmp_path, capsys):
     out = tmp_path / "eval.json"
     assert main(["eval", str(data / "model"), "--suite", str(data / "tiny.json"), "--data-dir", str(data / "data"),
@@ -178,9 +203,10 @@ def test_cli_suite_writes_each_task_and_the_average(data, tmp_path, capsys):
     (["--suite", "no_such_suite"], "neither a suite file nor a built-in suite.*candidates"),
     (["--suite", "tiny.json", "--data-dir", "nowhere"], "does not exist; point the data folder"),
     (["--mc", "task.json"], "give --text FILE too"),
+    (["--suite", "tiny.json", "--data-dir", "data", "--reference", "nowhere"], "--reference .*nowhere does not exist"),
 ])
 def test_cli_suite_bad_input_names_the_fix(data, capsys, arguments, message):
-    arguments = [str(data / a) if a in ("tiny.json", "nowhere") else a for a in arguments]
+    arguments = [str(data / a) if a in ("tiny.json", "nowhere", "data") else a for a in arguments]
     assert main(["eval", str(data / "model"), *arguments]) == 2
     assert re.search(message, capsys.readouterr().err)
 

@@ -326,6 +326,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                 "with an 'input' and 'target_scores' mapping every choice to a score).") from error
     if args.speed_baseline and not args.speed:
         raise AdapruneError("--speed-baseline needs --speed.")
+    if args.reference and not (args.mc or args.suite):
+        raise AdapruneError("--reference compares multiple-choice answers: give --mc TASK or --suite FILE_OR_NAME too.")
+    if args.reference and not Path(args.reference).exists():
+        raise AdapruneError(f"--reference {args.reference} does not exist: give the dense checkpoint folder (or "
+                            ".gguf file) the pruned model came from.")
     if args.text is None and args.speed and not (args.suite or args.lm_eval):
         return _eval_speed(args)
     texts = read_texts(args.text) if args.text is not None else None
@@ -339,6 +344,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
                             f"({positions}); give --seq-len {positions} or less.")
     result: dict[str, Any] = {"model": args.model, "params": sum(p.numel() for p in model.parameters())}
     summary = ""
+    reference = None
+    if args.reference:
+        reference, reference_tokenizer = load_model(args.reference, args.trust_remote_code)
+        if reference_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise AdapruneError(f"--reference {args.reference} has another tokenizer than {args.model}: the "
+                                "comparison scores both on the same tokens; give the model it was pruned from.")
+        result["reference"] = args.reference
     if texts is not None:
         # Documents joined by blank lines, as the calibration and test streams of adaprune.data are.
         ids = torch.tensor(_token_stream(tokenizer, texts), dtype=torch.long)
@@ -351,16 +363,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
         summary = (f"perplexity {result['perplexity']:.3f} over {result['tokens']:,} tokens "
                    f"({result['windows']} windows of {args.seq_len})")
     if examples is not None:
-        result.update(multiple_choice(model, tokenizer, examples, limit=args.limit))
+        result.update(multiple_choice(model, tokenizer, examples, limit=args.limit, reference=reference))
         result["mc_task"] = args.mc
         summary += (f"; multiple choice {result['accuracy']:.1%} ± {result['accuracy_stderr']:.1%}, "
                     f"length-normalised {result['accuracy_norm']:.1%} ± {result['accuracy_norm_stderr']:.1%} "
                     f"on {result['items']} items")
+        if reference is not None:
+            summary += (f"; against the reference {result['accuracy_delta']:+.1%} ± "
+                        f"{result['accuracy_delta_stderr']:.1%}"
+                        f" (length-normalised {result['accuracy_norm_delta']:+.1%} ± "
+                        f"{result['accuracy_norm_delta_stderr']:.1%}, paired), same choice on "
+                        f"{result['agreement']:.1%} of the items")
     if suite is not None:
         from .suite import evaluate_suite, format_suite_table
 
         result["suite"] = evaluate_suite(model, tokenizer, suite, data_dir=args.data_dir, limit=args.limit,
-                                         progress=True)
+                                         progress=True, reference=reference)
         print(format_suite_table(result["suite"]))
     if args.lm_eval:
         from .suite import lm_eval_evaluate
@@ -595,6 +613,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", default=None, help="write the results JSON here")
     evaluate.add_argument("--trust-remote-code", action="store_true",
                           help="allow the modeling file a pruned checkpoint brings (layers that differ)")
+    evaluate.add_argument("--reference", default=None, metavar="DENSE",
+                          help="with --mc or --suite: score the dense model on the same items and report the "
+                               "difference with its paired standard error, how often both pick the same "
+                               "choice, and the KL between their choice distributions")
     evaluate.add_argument("--speed", action="store_true",
                           help="also measure generation (batch 1) and prompt-processing tokens/s in PyTorch")
     evaluate.add_argument("--speed-baseline", default=None, metavar="DENSE",

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-__all__ = ["load_mc_task", "multiple_choice", "perplexity", "prefill_tokens_per_second", "tokens_per_second"]
+__all__ = ["choice_loglikelihoods", "load_mc_task", "multiple_choice", "perplexity", "prefill_tokens_per_second",
+           "tokens_per_second"]
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -138,23 +139,7 @@ def _choice_token_ids(tokenizer: Any, question: str, choice: str) -> tuple[list[
     return full, max(start, 1)  # the first token has nothing to be predicted from
 
 
-def multiple_choice(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    examples_or_path: str | os.PathLike[str] | Sequence[dict[str, Any]],
-    *,
-    limit: int | None = None,
-    progress: bool = False,
-) -> dict[str, float | int]:
-    """Zero-shot multiple-choice accuracy, scoring each choice by its log-likelihood after the question.
-
-    ``accuracy`` takes the choice with the highest summed log-likelihood of its tokens;
-    ``accuracy_norm`` divides that by the number of characters of the continuation ``" " + choice``
-    (like lm-eval's ``acc_norm``). Standard errors are ``sqrt(p * (1 - p) / n)``. The choices of
-    one item are scored in one right-padded forward pass. ``examples_or_path`` is a BIG-bench JSON
-    path or a list of examples (as from ``load_mc_task``, or raw BIG-bench ones); ``limit`` keeps the
-    first ones. Returns ``{"accuracy", "accuracy_stderr", "accuracy_norm", "accuracy_norm_stderr", "items"}``.
-    """
+def _examples(examples_or_path: str | os.PathLike[str] | Sequence[dict[str, Any]], limit: int | None) -> list[dict]:
     if isinstance(examples_or_path, (str, os.PathLike)):
         examples = load_mc_task(examples_or_path)
     else:
@@ -163,11 +148,25 @@ def multiple_choice(
         examples = examples[:limit]
     if not examples:
         raise ValueError("no examples to score")
+    return examples
 
+
+def choice_loglikelihoods(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    examples_or_path: str | os.PathLike[str] | Sequence[dict[str, Any]],
+    *,
+    limit: int | None = None,
+    progress: bool = False,
+) -> list[list[float]]:
+    """Per item, the summed log-likelihood of each choice's tokens after the question (what
+    :func:`multiple_choice` ranks). The choices of one item are scored in one right-padded forward pass.
+    """
+    examples = _examples(examples_or_path, limit)
     device = _device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    correct = correct_norm = 0
     keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+    out = []
     with _eval_mode(model):
         for example in tqdm(examples, desc="multiple choice", disable=not progress):
             question = example["input"].rstrip()  # BIG-bench inputs often end in a space
@@ -186,27 +185,93 @@ def multiple_choice(
             offset = width - logits.shape[1]  # logits[:, j] predicts the token at offset + j + 1
             logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
             token_logprobs = logprobs.gather(-1, input_ids[:, offset + 1:, None]).squeeze(-1).cpu()
+            out.append([token_logprobs[row, start - 1 - offset : len(ids) - 1 - offset].sum().item()
+                        for row, (ids, start) in enumerate(encoded)])
+    return out
 
-            loglik = [
-                token_logprobs[row, start - 1 - offset : len(ids) - 1 - offset].sum().item()
-                for row, (ids, start) in enumerate(encoded)
-            ]
-            lengths = [len(" " + choice) for choice in example["choices"]]
-            best = max(example["scores"])
-            pick = max(range(len(loglik)), key=loglik.__getitem__)
-            pick_norm = max(range(len(loglik)), key=lambda i: loglik[i] / lengths[i])
-            correct += example["scores"][pick] == best
-            correct_norm += example["scores"][pick_norm] == best
 
+def _picks(examples: list[dict], loglikelihoods: list[list[float]]) -> tuple[list[int], list[int]]:
+    """Per item, the chosen choice: by summed log-likelihood, and by log-likelihood per character."""
+    raw, norm = [], []
+    for example, loglik in zip(examples, loglikelihoods):
+        lengths = [len(" " + choice) for choice in example["choices"]]
+        raw.append(max(range(len(loglik)), key=loglik.__getitem__))
+        norm.append(max(range(len(loglik)), key=lambda i: loglik[i] / lengths[i]))
+    return raw, norm
+
+
+def _right(examples: list[dict], picks: list[int]) -> list[int]:
+    return [int(example["scores"][pick] == max(example["scores"])) for example, pick in zip(examples, picks)]
+
+
+def _stderr(p: float, n: int) -> float:
+    return math.sqrt(p * (1 - p) / n)
+
+
+def multiple_choice(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    examples_or_path: str | os.PathLike[str] | Sequence[dict[str, Any]],
+    *,
+    limit: int | None = None,
+    progress: bool = False,
+    reference: torch.nn.Module | Sequence[Sequence[float]] | None = None,
+) -> dict[str, float | int]:
+    """Zero-shot multiple-choice accuracy, scoring each choice by its log-likelihood after the question.
+
+    ``accuracy`` takes the choice with the highest summed log-likelihood of its tokens;
+    ``accuracy_norm`` divides that by the number of characters of the continuation ``" " + choice``
+    (like lm-eval's ``acc_norm``). Standard errors are ``sqrt(p * (1 - p) / n)``. The choices of
+    one item are scored in one right-padded forward pass. ``examples_or_path`` is a BIG-bench JSON
+    path or a list of examples (as from ``load_mc_task``, or raw BIG-bench ones); ``limit`` keeps the
+    first ones. Returns ``{"accuracy", "accuracy_stderr", "accuracy_norm", "accuracy_norm_stderr", "items"}``.
+
+    ``reference`` (the dense model, sharing ``tokenizer``; or its :func:`choice_loglikelihoods` on the
+    same items, to score it once for many models) compares the two item by item, which two accuracies
+    of a few hundred items each cannot do within their noise. Added keys:
+    ``reference_accuracy[_norm]``; ``accuracy[_norm]_delta``, this model's accuracy minus the
+    reference's, with ``accuracy[_norm]_delta_stderr`` the standard error of the mean per-item
+    difference (paired: the same items, so much smaller than the two accuracies' own errors);
+    ``agreement[_norm]``, the share of items where both pick the same choice; ``choice_kl``, the mean
+    KL divergence from the reference's distribution over the choices (softmax of the per-character
+    log-likelihoods) to this model's.
+    """
+    examples = _examples(examples_or_path, limit)
+    loglikelihoods = choice_loglikelihoods(model, tokenizer, examples, progress=progress)
+    picks = _picks(examples, loglikelihoods)
     n = len(examples)
-    accuracy, accuracy_norm = correct / n, correct_norm / n
-    return {
-        "accuracy": accuracy,
-        "accuracy_stderr": math.sqrt(accuracy * (1 - accuracy) / n),
-        "accuracy_norm": accuracy_norm,
-        "accuracy_norm_stderr": math.sqrt(accuracy_norm * (1 - accuracy_norm) / n),
-        "items": n,
-    }
+    result: dict[str, float | int] = {}
+    for key, chosen in zip(("accuracy", "accuracy_norm"), picks):
+        result[key] = sum(_right(examples, chosen)) / n
+        result[f"{key}_stderr"] = _stderr(result[key], n)
+    result["items"] = n
+    if reference is None:
+        return result
+    if isinstance(reference, torch.nn.Module):
+        vocabularies = {getattr(net.config, "vocab_size", None) for net in (model, reference) if hasattr(net, "config")}
+        if len(vocabularies - {None}) > 1:
+            raise ValueError(f"the reference's vocabulary differs from the model's ({sorted(vocabularies - {None})}): "
+                             "compare a pruned model with the model it was pruned from, on the same tokenizer.")
+        reference = choice_loglikelihoods(reference, tokenizer, examples, progress=progress)
+    if len(reference) != n or any(len(r) != len(e["choices"]) for r, e in zip(reference, examples)):
+        raise ValueError(f"reference scores do not match the items: {len(reference)} items for {n}, or other "
+                         "choice counts; pass choice_loglikelihoods(dense, tokenizer, the same examples).")
+    reference = [list(map(float, r)) for r in reference]
+    for key, chosen, reference_chosen in zip(("accuracy", "accuracy_norm"), picks, _picks(examples, reference)):
+        differences = [a - b for a, b in zip(_right(examples, chosen), _right(examples, reference_chosen))]
+        mean = sum(differences) / n
+        result[f"reference_{key}"] = result[key] - mean
+        result[f"{key}_delta"] = mean
+        result[f"{key}_delta_stderr"] = math.sqrt(max(sum(d * d for d in differences) / n - mean * mean, 0.0) / n)
+        result[key.replace("accuracy", "agreement")] = sum(a == b for a, b in zip(chosen, reference_chosen)) / n
+    kl = 0.0
+    for example, mine, theirs in zip(examples, loglikelihoods, reference):
+        lengths = torch.tensor([len(" " + choice) for choice in example["choices"]], dtype=torch.float64)
+        p = torch.log_softmax(torch.tensor(theirs, dtype=torch.float64) / lengths, 0)
+        q = torch.log_softmax(torch.tensor(mine, dtype=torch.float64) / lengths, 0)
+        kl += torch.sum(p.exp() * (p - q)).item()
+    result["choice_kl"] = kl / n
+    return result
 
 
 def tokens_per_second(

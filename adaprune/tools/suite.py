@@ -219,6 +219,7 @@ def evaluate_suite(
     data_dir: str | os.PathLike[str] | None = None,
     limit: int | None = None,
     progress: bool = False,
+    reference: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     """Zero-shot accuracy of ``model`` on every task of ``suite``, and the averages.
 
@@ -229,6 +230,12 @@ def evaluate_suite(
     "average", "average_stderr", "average_accuracy", "average_accuracy_norm", "average_chance"}``:
     ``score`` is the task's own metric and ``average`` its equal-weight mean over tasks; the standard
     error of the average is ``sqrt(sum stderr^2) / tasks`` (tasks independent).
+
+    ``reference`` (the dense model, sharing ``tokenizer``) is scored on the same items: each task then also
+    has ``reference_score``, ``score_delta`` (this model's metric minus the reference's) with its paired
+    standard error ``score_delta_stderr``, ``agreement`` (the share of items where both pick the same
+    choice, by the task's metric) and ``choice_kl`` (see :func:`adaprune.tools.evaluate.multiple_choice`);
+    the result ``reference_average``, ``average_delta``, ``average_delta_stderr`` and ``average_agreement``.
     """
     from .evaluate import multiple_choice
 
@@ -241,12 +248,16 @@ def evaluate_suite(
     for task, path in zip(suite.tasks, paths):
         examples = load_task_examples(path, prompt=task.prompt, limit=limit if limit is not None else task.limit)
         start = time.perf_counter()
-        scores = multiple_choice(model, tokenizer, examples, progress=progress)
+        scores = multiple_choice(model, tokenizer, examples, progress=progress, reference=reference)
         rows.append({
             "name": task.name, "path": task.path, "prompt": task.prompt, "items": scores["items"],
             "chance": chance_level(examples), "metric": task.metric,
             **{k: scores[k] for k in ("accuracy", "accuracy_stderr", "accuracy_norm", "accuracy_norm_stderr")},
             "score": scores[task.metric], "score_stderr": scores[f"{task.metric}_stderr"],
+            **({} if reference is None else {
+                "reference_score": scores[f"reference_{task.metric}"], "score_delta": scores[f"{task.metric}_delta"],
+                "score_delta_stderr": scores[f"{task.metric}_delta_stderr"],
+                "agreement": scores[task.metric.replace("accuracy", "agreement")], "choice_kl": scores["choice_kl"]}),
             "seconds": round(time.perf_counter() - start, 2),
         })
         if progress:
@@ -254,7 +265,7 @@ def evaluate_suite(
             print(f"{task.name}: {task.metric} {r['score']:.3f} ± {r['score_stderr']:.3f} on {r['items']} items "
                   f"(chance {r['chance']:.3f}, {r['seconds']:.0f} s)", file=sys.stderr, flush=True)
     count = len(rows)
-    return {
+    result = {
         "suite": suite.name,
         "tasks": rows,
         "average": sum(r["score"] for r in rows) / count,
@@ -263,6 +274,14 @@ def evaluate_suite(
         "average_accuracy_norm": sum(r["accuracy_norm"] for r in rows) / count,
         "average_chance": sum(r["chance"] for r in rows) / count,
     }
+    if reference is not None:
+        result.update({
+            "reference_average": sum(r["reference_score"] for r in rows) / count,
+            "average_delta": sum(r["score_delta"] for r in rows) / count,
+            "average_delta_stderr": math.sqrt(sum(r["score_delta_stderr"] ** 2 for r in rows)) / count,
+            "average_agreement": sum(r["agreement"] for r in rows) / count,
+        })
+    return result
 
 
 def format_suite_table(result: dict[str, Any]) -> str:
@@ -276,6 +295,14 @@ def format_suite_table(result: dict[str, Any]) -> str:
                  f"{result['average_accuracy']:>13.3f} {result['average_accuracy_norm']:>13.3f}")
     lines.append(f"suite {result['suite']}: average of each task's metric {result['average']:.4f} "
                  f"± {result['average_stderr']:.4f}")
+    if "average_delta" in result:
+        lines.append(f"{'against the reference':<24} {'ref':>6} {'delta':>15} {'agree':>6} {'choice KL':>9}")
+        for r in result["tasks"]:
+            lines.append(f"{r['name']:<24} {r['reference_score']:>6.3f} "
+                         f"{r['score_delta']:>+8.3f}±{r['score_delta_stderr']:.3f} "
+                         f"{r['agreement']:>6.3f} {r['choice_kl']:>9.4f}")
+        lines.append(f"average: reference {result['reference_average']:.4f}, difference {result['average_delta']:+.4f} "
+                     f"± {result['average_delta_stderr']:.4f} (paired), agreement {result['average_agreement']:.3f}")
     return "\n".join(lines)
 
 
