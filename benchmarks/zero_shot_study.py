@@ -22,8 +22,9 @@ from the dense model, ``adaprune.stages.recover.teacher_samples``), ``self-calib
 refit from Wikipedia alone): where is the damage, the cut or the refit? Ninth session, other plans, the refit
 on Wikipedia: ``sampled plan 2/8`` (a quarter of the plan's batches sampled), ``cap 0.4`` (global allocation
 with ``max_layer_fraction``), ``channels only`` (no KV group removed), ``uniform`` (the same share from every
-layer), ``second draw`` (the default plan from calibration rows 32-63, the plan's own noise). Scoring stays the study's own ``choice_logprobs``, so that its rows compare with the eighth session's;
-the library's ``multiple_choice(..., reference=dense)`` now measures the same agreement for users.
+layer), ``second draw`` (the default plan from calibration rows 32-63, the plan's own noise). Scoring stays
+the study's own ``choice_logprobs``, so that its rows compare with the eighth session's; the library's
+``multiple_choice(..., reference=dense)`` now measures the same agreement for users.
 
 Writes benchmarks/results/zero_shot_study.json.
 """

@@ -231,7 +231,7 @@ def multiple_choice(
     of a few hundred items each cannot do within their noise. Added keys:
     ``reference_accuracy[_norm]``; ``accuracy[_norm]_delta``, this model's accuracy minus the
     reference's, with ``accuracy[_norm]_delta_stderr`` the standard error of the mean per-item
-    difference (paired: the same items, so much smaller than the two accuracies' own errors);
+    difference (paired: the same items, so smaller than the two accuracies' own errors);
     ``agreement[_norm]``, the share of items where both pick the same choice; ``choice_kl``, the mean
     KL divergence from the reference's distribution over the choices (softmax of the per-character
     log-likelihoods) to this model's.
