@@ -22,7 +22,8 @@ from the dense model, ``adaprune.stages.recover.teacher_samples``), ``self-calib
 refit from Wikipedia alone): where is the damage, the cut or the refit? Ninth session, other plans, the refit
 on Wikipedia: ``sampled plan 2/8`` (a quarter of the plan's batches sampled), ``cap 0.4`` (global allocation
 with ``max_layer_fraction``), ``channels only`` (no KV group removed), ``uniform`` (the same share from every
-layer), ``second draw`` (the default plan from calibration rows 32-63, the plan's own noise). Scoring stays
+layer), ``second draw`` (the default plan from calibration rows 32-63, the plan's own noise), ``both draws``
+(from rows 0-63 pooled). Scoring stays
 the study's own ``choice_logprobs``, so that its rows compare with the eighth session's; the library's
 ``multiple_choice(..., reference=dense)`` now measures the same agreement for users.
 
@@ -48,7 +49,7 @@ from holdout_selection import docstring_stream
 from refit_study import mix
 
 BASES = ("default", "trained", "no reconstruction", "self-calibration", "self-calibrated plan", "channels only",
-         "uniform", "second draw")  # measured without a recovery
+         "uniform", "second draw", "both draws")  # measured without a recovery
 CONFIGS = ("recovery 100", "trained + recovery 100", "no reconstruction", "self-calibration")
 PROXY_TASKS = ("strategyqa", "sports_understanding", "winowhy", "implicatures", "general_knowledge")
 
@@ -145,8 +146,9 @@ def main() -> int:
             elif base in ("channels only", "uniform"):  # no KV group removed; the same share from every layer
                 options = {"units": ("channels",)} if base == "channels only" else {"allocation": "uniform"}
                 plans[base] = Pruner(dense, ratio=args.ratio, progress=False, **options).plan(plan_rows)
-            elif base == "second draw":  # the default plan from the next 32 calibration rows: the plan's own noise
-                plans[base] = Pruner(dense, ratio=args.ratio, progress=False).plan(refit_rows[8:16])
+            elif base in ("second draw", "both draws"):  # the next 32 rows (the plan's own noise); 64 rows, pooled
+                rows = refit_rows[8:16] if base == "second draw" else refit_rows[:16]
+                plans[base] = Pruner(dense, ratio=args.ratio, progress=False).plan(rows)
             elif base.startswith("cap "):  # "cap 0.4": no layer loses more than that share of its prunable parameters
                 plans[base] = Pruner(dense, ratio=args.ratio, progress=False, allocation_options={
                     "max_layer_fraction": float(base.split()[-1])}).plan(plan_rows)
