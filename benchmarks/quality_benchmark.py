@@ -75,7 +75,8 @@ def suite_row(suite: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluate(model, tokenizer, texts: dict[str, torch.Tensor], args, reference=None) -> dict[str, Any]:
-    """Perplexities and the suite; `reference` (the dense model) adds the suite's paired difference to it."""
+    """Perplexities and the suite; `reference` (the dense model's `suite_loglikelihoods`, scored once for all
+    rows) adds the suite's paired difference to it."""
     result: dict[str, Any] = {}
     for name, ids in texts.items():
         result[f"{name}_ppl128"] = perplexity(model, ids, seq_len=128, max_windows=args.windows)["perplexity"]
@@ -170,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         row = {"config": "dense", "ratio": 0.0, "params": sum(p.numel() for p in dense.parameters())}
         row.update(evaluate(dense, tokenizer, texts, args))
     record({**row, "peak_rss_mb": round(memory.peak / 2**20, 1), "saved": "dense"})
+    dense_scores = None  # the dense model's choices on the suite's items, for every row's paired difference
+    if args.suite_items:
+        from adaprune.tools.suite import suite_loglikelihoods
+        dense_scores = suite_loglikelihoods(dense, tokenizer, "zero_shot", limit=args.suite_items)
 
     def run(label: str, ratio: float, batches, recovered: str | None = None, unreconstructed: str | None = None,
             **settings) -> None:
@@ -201,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         del model
 
     def finish(model, row: dict[str, Any]) -> None:
-        row.update(evaluate(model, tokenizer, texts, args, reference=dense))
+        row.update(evaluate(model, tokenizer, texts, args, reference=dense_scores))
         if args.save:
             name = row["config"].replace(" ", "_").replace(",", "").replace("+", "and")
             folder = Path(args.save) / f"{row['ratio']:g}-{name}"
@@ -224,18 +229,19 @@ def add_suite(args) -> int:
     """The zero-shot suite on every model a run saved, written into that run's results."""
     from transformers import AutoModelForCausalLM
 
-    from adaprune.tools.suite import evaluate_suite
+    from adaprune.tools.suite import evaluate_suite, suite_loglikelihoods
 
     out = Path(args.out)
     payload = json.loads((out.parent / f"{out.name}.json").read_text())
     dense, tokenizer = load_smollm2()
+    dense_scores = suite_loglikelihoods(dense, tokenizer, "zero_shot", limit=args.suite_items or None)
     for row in payload["results"]:
         if "saved" not in row or "suite_average" in row:
             continue
         model = dense if row["saved"] == "dense" else AutoModelForCausalLM.from_pretrained(
             row["saved"], trust_remote_code=True).eval()
         row.update(suite_row(evaluate_suite(model, tokenizer, "zero_shot", limit=args.suite_items or None,
-                                            reference=None if model is dense else dense)))
+                                            reference=None if model is dense else dense_scores)))
         write_results(payload, out)
         print(f"{row['ratio']:g} {row['config']}: suite {100 * row['suite_average']:.1f}", flush=True)
     return 0

@@ -259,8 +259,8 @@ def test_a_half_precision_model_trains_in_float32_and_stays_in_its_dtype():
         assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
 
 
-@pytest.mark.parametrize("ratio, epochs", [(0.2, 0), (0.5, 8)])
-def test_auto_epochs_train_only_when_a_third_or_more_goes(ratio, epochs):
+@pytest.mark.parametrize("ratio, epochs", [(0.1, 0), (0.2, 8), (0.5, 8)])
+def test_auto_epochs_train_only_from_a_ratio_of_a_fifth(ratio, epochs):
     model = build(family("llama"), SHAPE)
     pruner = Pruner(model, ratio=ratio, estimators=["activation"], fusion="fine", progress=False)
     plan = pruner.plan(random_batches(97, count=2, batch=4, seq=16))

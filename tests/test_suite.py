@@ -16,7 +16,7 @@ from adaprune.tools.cli import main
 from adaprune.tools.evaluate import multiple_choice
 from adaprune.tools.suite import (DATA_ENV, available_suites, chance_level, choose_metric, constant_baseline,
                                   default_data_dir, evaluate_suite, format_suite_table, load_suite,
-                                  load_task_examples)
+                                  load_task_examples, suite_loglikelihoods)
 from families import FAMILIES, Shape, build
 
 WORDS = ["<pad>", "<unk>", "the", "cat", "sat", "on", "a", "mat", "dog", "ran", "home", "yes", "no", "?",
@@ -176,6 +176,24 @@ def test_evaluate_suite_against_a_reference_model(data):
         assert row["reference_score"] == pytest.approx(row["score"] - row["score_delta"])
     assert "paired" in format_suite_table(compared) and "paired" not in format_suite_table(
         evaluate_suite(model, tokenizer, data / "tiny.json", data_dir=data / "data"))
+
+
+def test_evaluate_suite_against_cached_reference_scores(data):
+    """The dense model's suite_loglikelihoods, scored once, give what the dense model itself gives."""
+    model, other, tokenizer = build(FAMILIES[0], SHAPE), build(FAMILIES[0], SHAPE, seed=1), word_tokenizer()
+    cached = suite_loglikelihoods(other, tokenizer, data / "tiny.json", data_dir=data / "data", limit=2)
+    assert sorted(cached) == ["free", "labels"] and all(len(scores) == 2 for scores in cached.values())
+    direct, from_cache = (evaluate_suite(model, tokenizer, data / "tiny.json", data_dir=data / "data", limit=2,
+                                         reference=reference) for reference in (other, cached))
+    for result in (direct, from_cache):
+        for row in result["tasks"]:
+            del row["seconds"]  # the only thing that may differ
+    assert from_cache == direct and "average_delta" in direct
+    with pytest.raises(AdapruneError, match="no task free .*suite_loglikelihoods"):
+        evaluate_suite(model, tokenizer, data / "tiny.json", data_dir=data / "data", limit=2,
+                       reference={"labels": cached["labels"]})
+    with pytest.raises(ValueError, match="reference scores do not match the items"):  # scored on other items
+        evaluate_suite(model, tokenizer, data / "tiny.json", data_dir=data / "data", reference=cached)
 
 
 def test_cli_suite_against_the_dense_model(data, tmp_path, capsys):

@@ -56,7 +56,7 @@ from .layer_training import TrainingSettings, train_layer
 TARGETS = ("pruned", "dense")
 ANCHORS = ("zero", "dense")
 MAX_RETRIES = 6
-AUTO_EPOCHS, AUTO_FROM = 8, 1 / 3  # epochs="auto": 8 epochs (lr 1e-3) once a third of the prunable parameters go
+AUTO_EPOCHS, AUTO_FROM = 8, 0.2  # epochs="auto": 8 epochs (lr 1e-3) for a plan of ratio 0.2 or more
 ROWS_PER_BATCH = 4  # also the training's step, as benchmarks/refit_study.py measured it
 
 
@@ -96,7 +96,7 @@ class ReconstructStage(Stage):
     `epochs` and `lr` (after the refit, train every weight matrix of the layer, its kept entries, by
     Adam at learning rate `lr` for `epochs` passes over the rows to give the dense layer's output:
     ``adaprune.stages.layer_training``; 0 epochs skips it; ``"auto"``, the default, trains 8 epochs
-    when the plan removes at least a third of the prunable parameters and not otherwise).
+    when the plan's ratio is 0.2 or more and not otherwise).
     """
 
     name = "reconstruct"
@@ -165,13 +165,17 @@ class ReconstructStage(Stage):
                 "epochs_trained": self.training_epochs(plan), "layers": [], "warnings": [], "parameters_added": 0}
 
     def training_epochs(self, plan: Plan) -> int:
-        """The layer-wise training's epochs for `plan` (``"auto"``: by the fraction of prunable parameters it removes)."""
+        """The layer-wise training's epochs for `plan` (``"auto"``: by the ratio it was made for)."""
         if self.epochs != "auto":
             return self.epochs
         # Measured at 50 %: better on the calibration hold-out and a domain-shift dev text; at 20 %: better in
-        # domain, worse out of it, for minutes of CPU (docs/pipeline.md §9). Between the two it was not measured.
-        removed = plan.params["removed"] / max(plan.params["prunable_before"], 1)
-        return AUTO_EPOCHS if removed >= AUTO_FROM else 0
+        # domain and, recovered, closer to the dense model's zero-shot answers, for minutes of CPU
+        # (docs/pipeline.md §9). Below 20 % not measured: the cheaper refit alone. A plan read from a file
+        # without its ratio falls back to the fraction of prunable parameters it removes.
+        ratio = plan.settings.get("ratio")
+        if not isinstance(ratio, (int, float)):
+            ratio = plan.params["removed"] / max(plan.params["prunable_before"], 1)
+        return AUTO_EPOCHS if ratio >= AUTO_FROM else 0
 
     def start(self, model: nn.Module, first_layer: nn.Module, batches: list[torch.Tensor],
               plan: Plan) -> LayerwiseState:

@@ -21,7 +21,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,7 +33,7 @@ from ..errors import AdapruneError
 __all__ = [
     "DATA_ENV", "Suite", "SuiteTask", "available_suites", "chance_level", "check_suite_files", "choose_metric", "constant_baseline",
     "default_data_dir", "evaluate_suite", "format_suite_table", "load_suite", "load_task_examples",
-    "lm_eval_evaluate",
+    "lm_eval_evaluate", "suite_loglikelihoods",
 ]
 
 DATA_ENV = "ADAPRUNE_DATA"
@@ -211,6 +211,39 @@ def choose_metric(examples: Sequence[dict[str, Any]]) -> Metric:
     return "accuracy" if _label_set(examples) is not None else "accuracy_norm"
 
 
+def _suite_examples(suite: Suite | str | os.PathLike[str], data_dir: str | os.PathLike[str] | None,
+                    limit: int | None) -> tuple[Suite, list[list[dict[str, Any]]]]:
+    """The suite and every task's items, all files checked before any is read."""
+    if not isinstance(suite, Suite):
+        suite = load_suite(suite)
+    if limit is not None and limit < 1:
+        raise AdapruneError(f"limit must be a positive number, got {limit}.")
+    paths = check_suite_files(suite, data_dir)
+    return suite, [load_task_examples(path, prompt=task.prompt, limit=limit if limit is not None else task.limit)
+                   for task, path in zip(suite.tasks, paths)]
+
+
+def suite_loglikelihoods(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    suite: Suite | str | os.PathLike[str],
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    limit: int | None = None,
+    progress: bool = False,
+) -> dict[str, list[list[float]]]:
+    """Per task of ``suite``, :func:`adaprune.tools.evaluate.choice_loglikelihoods` of ``model`` on its items.
+
+    Score the dense model once and pass the result as ``evaluate_suite(..., reference=...)`` for each pruned
+    model (the same ``suite``, ``data_dir`` and ``limit``), instead of scoring it again every time.
+    """
+    from .evaluate import choice_loglikelihoods
+
+    suite, tasks = _suite_examples(suite, data_dir, limit)
+    return {task.name: choice_loglikelihoods(model, tokenizer, examples, progress=progress)
+            for task, examples in zip(suite.tasks, tasks)}
+
+
 def evaluate_suite(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -219,7 +252,7 @@ def evaluate_suite(
     data_dir: str | os.PathLike[str] | None = None,
     limit: int | None = None,
     progress: bool = False,
-    reference: torch.nn.Module | None = None,
+    reference: torch.nn.Module | Mapping[str, Sequence[Sequence[float]]] | None = None,
 ) -> dict[str, Any]:
     """Zero-shot accuracy of ``model`` on every task of ``suite``, and the averages.
 
@@ -236,19 +269,22 @@ def evaluate_suite(
     standard error ``score_delta_stderr``, ``agreement`` (the share of items where both pick the same
     choice, by the task's metric) and ``choice_kl`` (see :func:`adaprune.tools.evaluate.multiple_choice`);
     the result ``reference_average``, ``average_delta``, ``average_delta_stderr`` and ``average_agreement``.
+    ``reference`` may also be the dense model's :func:`suite_loglikelihoods` on the same suite and items,
+    to score it once for many models.
     """
     from .evaluate import multiple_choice
 
-    if not isinstance(suite, Suite):
-        suite = load_suite(suite)
-    if limit is not None and limit < 1:
-        raise AdapruneError(f"limit must be a positive number, got {limit}.")
-    paths = check_suite_files(suite, data_dir)  # every file checked before any scoring
+    suite, tasks = _suite_examples(suite, data_dir, limit)  # every file checked before any scoring
+    if isinstance(reference, Mapping):
+        missing = [task.name for task in suite.tasks if task.name not in reference]
+        if missing:
+            raise AdapruneError(f"The reference scores have no task {', '.join(missing)} of suite "
+                                f"{suite.name!r}: pass suite_loglikelihoods(dense, tokenizer, the same suite).")
     rows = []
-    for task, path in zip(suite.tasks, paths):
-        examples = load_task_examples(path, prompt=task.prompt, limit=limit if limit is not None else task.limit)
+    for task, examples in zip(suite.tasks, tasks):
         start = time.perf_counter()
-        scores = multiple_choice(model, tokenizer, examples, progress=progress, reference=reference)
+        task_reference = reference[task.name] if isinstance(reference, Mapping) else reference
+        scores = multiple_choice(model, tokenizer, examples, progress=progress, reference=task_reference)
         rows.append({
             "name": task.name, "path": task.path, "prompt": task.prompt, "items": scores["items"],
             "chance": chance_level(examples), "metric": task.metric,
