@@ -291,8 +291,9 @@ def test_demo_whose_reload_fails_writes_nothing(tiny_demo, tmp_path, monkeypatch
 # an interrupt can be sent while the checkpoint folder is half-written (the model is saved, the
 # tokenizer not yet): test scaffolding around the real command, nothing in adaprune changes.
 MID_SAVE = """
-import sys, time
+import signal, sys, time
 from pathlib import Path
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal, even if started where SIGINT is ignored
 from transformers import PreTrainedTokenizerBase
 original = PreTrainedTokenizerBase.save_pretrained
 def slow(self, folder, *args, **kwargs):
