@@ -41,6 +41,7 @@ from adaprune import Pruner, RecoveryReport, recover
 from adaprune.io import write_text
 from adaprune.tools.data import _token_stream, load_smollm2, test_token_stream, token_batches, wiki_texts
 from adaprune.tools.evaluate import perplexity
+from adaprune.tools.suite import evaluate_suite, suite_loglikelihoods
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fusion_benchmark import PeakRSS  # noqa: E402  (the same memory probe)
@@ -84,13 +85,8 @@ def evaluate(model, tokenizer, texts: dict[str, torch.Tensor], args, reference=N
             result[f"{name}_ppl512"] = perplexity(model, ids, seq_len=512, max_windows=args.windows_512,
                                                   batch_size=2)["perplexity"]
     if args.suite_items:
-        try:
-            from adaprune.tools.suite import evaluate_suite
-        except ImportError:
-            evaluate_suite = None
-        if evaluate_suite is not None:
-            result.update(suite_row(evaluate_suite(model, tokenizer, "zero_shot", limit=args.suite_items,
-                                                   reference=reference)))
+        result.update(suite_row(evaluate_suite(model, tokenizer, "zero_shot", limit=args.suite_items,
+                                               reference=reference)))
     return result
 
 
@@ -173,7 +169,6 @@ def main(argv: list[str] | None = None) -> int:
     record({**row, "peak_rss_mb": round(memory.peak / 2**20, 1), "saved": "dense"})
     dense_scores = None  # the dense model's choices on the suite's items, for every row's paired difference
     if args.suite_items:
-        from adaprune.tools.suite import suite_loglikelihoods
         dense_scores = suite_loglikelihoods(dense, tokenizer, "zero_shot", limit=args.suite_items)
 
     def run(label: str, ratio: float, batches, recovered: str | None = None, unreconstructed: str | None = None,
@@ -228,8 +223,6 @@ def main(argv: list[str] | None = None) -> int:
 def add_suite(args) -> int:
     """The zero-shot suite on every model a run saved, written into that run's results."""
     from transformers import AutoModelForCausalLM
-
-    from adaprune.tools.suite import evaluate_suite, suite_loglikelihoods
 
     out = Path(args.out)
     payload = json.loads((out.parent / f"{out.name}.json").read_text())
