@@ -95,7 +95,7 @@ def recover_model(model, dense, batches, args) -> dict[str, Any]:
     report = RecoveryReport()
     recover(model, batches, steps=args.recovery_steps, objective=args.recovery_objective, lr=args.recovery_lr,
             batch_size=args.recovery_batch, teacher=dense if args.recovery_objective == "kl" else None,
-            progress=True, report=report)
+            generated=args.recovery_generated, progress=True, report=report)
     record = report.to_dict()
     return {"recovery_seconds": round(time.perf_counter() - start, 1),
             "recovery": {k: record[k] for k in ("steps", "tokens", "seconds", "settings", "losses")}}
@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recovery-samples", type=int, default=800,
                         help="recovery text: windows of 128 tokens of the Wikipedia calibration split, as "
                              "`adaprune recover` takes by default (0: the calibration batches themselves)")
+    parser.add_argument("--recovery-generated", type=int, default=None,
+                        help="windows sampled from the dense model that join the recovery text (with kl); "
+                             "default: recover()'s own (half as many as --recovery-samples)")
     parser.add_argument("--configs", default=None, help="comma-separated subset of the configuration labels")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--out", default=str(RESULTS / "quality"))
@@ -143,12 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     recovery_text = calibration if not args.recovery_samples else token_batches(
         tokenizer, texts_, seq_len=128, num_samples=args.recovery_samples, batch_size=args.recovery_samples)
     texts = streams(tokenizer, args)
+    sampled = ("" if args.recovery_objective != "kl" or args.recovery_generated == 0 else
+               f" and {args.recovery_generated} windows sampled from the dense model" if args.recovery_generated
+               else " and half as many windows sampled from the dense model")  # recover()'s default
     meta = {"command": " ".join(["quality_benchmark.py", *(argv if argv is not None else sys.argv[1:])]),
             "calibration": f"{args.calib_samples} x 128 Wikipedia calibration tokens for the plan (LLM-Pruner: 10 x 64), "
                            f"{max(args.calib_samples, args.reconstruct_samples)} x 128 for the reconstruction",
             "recovery": f"{args.recovery_steps} steps of {args.recovery_batch} x 128 tokens, lr {args.recovery_lr:g}, "
                         f"{args.recovery_objective}, on " + (f"{args.recovery_samples} windows of the Wikipedia "
-                        "calibration split" if args.recovery_samples else "the calibration batches"),
+                        "calibration split" if args.recovery_samples else "the calibration batches") + sampled,
             "evaluation": f"{args.windows} windows of 128 and {args.windows_512} of 512 tokens per text; "
                           f"suite: first {args.suite_items} items per task", "threads": args.threads,
             "defaults": Pruner.__init__.__defaults__ and None, "finished": False}

@@ -15,7 +15,9 @@ noise than an accuracy); the docstrings of Python's standard library (a domain-s
 the calibration split (windows past the recovery's 800).
 
 Configurations: ``recovery 100`` (what the quality benchmark ran); ``trained + recovery 100`` (the layer-wise
-training, 8 epochs at lr 1e-3, then the recovery); ``recovery 200`` and the like (any step count). Each line
+training, 8 epochs at lr 1e-3, then the recovery); ``recovery 200`` and the like (any step count);
+``trained + recovery 200 generated 400`` (the recovery's text joined by 400 windows sampled from the dense
+model, ``recover(generated=400)``; eleventh session; without ``generated`` none is). Each line
 is also measured before its recovery (``default``, ``trained``, ``self-calibration``, ...). Without a recovery: ``no reconstruction``
 (the same plan, no refit) and ``self-calibration`` (plan and refit from half Wikipedia, half text sampled
 from the dense model, ``adaprune.stages.recover.teacher_samples``), ``self-calibrated plan`` (that plan, the
@@ -161,13 +163,15 @@ def main() -> int:
                 plans[base] if base in plans else plans["wikipedia"], calibration=refit_from)
             seconds = round(time.perf_counter() - started)
             pruned[base] = model
-            save(base, {**measure(model), "prune_seconds": seconds})
+            if base not in results[key]:  # a stored row is not measured again (re-measured rows reproduced)
+                save(base, {**measure(model), "prune_seconds": seconds})
         if not steps:
             continue
+        steps, _, generated = steps.partition(" generated ")  # "200 generated 400": 400 windows sampled from dense
         model = copy.deepcopy(pruned[base])
         started = time.perf_counter()
         recover(model, recovery_text, steps=int(steps), batch_size=4, lr=1e-3, objective="kl", teacher=dense,
-                progress=False)
+                generated=int(generated or 0), progress=False)
         save(label, {**measure(model), "recovery_seconds": round(time.perf_counter() - started)})
     return 0
 

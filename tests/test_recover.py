@@ -132,6 +132,20 @@ def test_generated_windows_are_sampled_from_the_teacher_and_join_the_text():
     assert not torch.equal(rows, torch.cat(teacher_samples(teacher, 6, seq_len=10, batch_size=4, seed=4)))
 
 
+def test_distillation_samples_half_as_many_windows_as_the_text_by_default():
+    teacher = llama()
+    student = prune_by_hand(copy.deepcopy(teacher), remove_channels=[list(range(10))] * 3, remove_kv_groups=[[0]] * 3)
+    text = random_batches(SHAPE.vocab, count=2, batch=4, seq=10)
+    runs = {}
+    for label, bos, kwargs in (("kl", 7, {"teacher": teacher}), ("no start token", None, {"teacher": teacher}),
+                               ("lm", 7, {})):
+        teacher.config.bos_token_id, teacher.config.eos_token_id = bos, None
+        report = RecoveryReport()
+        recover(copy.deepcopy(student), text, steps=1, progress=False, report=report, **kwargs)
+        runs[label] = (report.settings["generated"], report.settings["training_rows"])
+    assert runs == {"kl": (4, 8 + 4), "no start token": (0, 8), "lm": (0, 8)}
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"objective": "kl"}, "pass teacher="),
     ({"objective": "lm", "teacher": "dense"}, "only used by objective='kl'"),

@@ -425,7 +425,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
             raise AdapruneError(f"{option} must be a positive number, got {value}.")
     if args.seq_len < 2:
         raise AdapruneError(f"--seq-len must be at least 2 (the loss predicts the next token), got {args.seq_len}.")
-    if args.generated < 0:
+    if args.generated is not None and args.generated < 0:
         raise AdapruneError(f"--generated must be 0 or more windows, got {args.generated}.")
     if args.generated and not args.teacher:
         raise AdapruneError("--generated samples text from the dense model: pass --teacher DENSE too, or drop "
@@ -638,9 +638,10 @@ def build_parser() -> argparse.ArgumentParser:
     recover.add_argument("--lr", type=float, default=1e-3)
     recover.add_argument("--samples", type=int, default=800, help="training windows of --seq-len tokens")
     recover.add_argument("--seq-len", type=int, default=128)
-    recover.add_argument("--generated", type=int, default=0,
+    recover.add_argument("--generated", type=int, default=None,
                          help="with --teacher: that many more windows sampled from the dense model itself join "
-                              "the text (keeps more of what it does outside the text's domain; docs/recovery.md)")
+                              "the text (keeps more of what it does outside the text's domain; default: half "
+                              "as many as --samples; docs/recovery.md)")
     recover.add_argument("--batch-size", type=int, default=4)
     recover.add_argument("--seed", type=int, default=0)
     recover.add_argument("--report", default=None, help="also write the recovery record JSON here")
