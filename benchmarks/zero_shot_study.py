@@ -25,7 +25,8 @@ refit from Wikipedia alone): where is the damage, the cut or the refit? Ninth se
 on Wikipedia: ``sampled plan 2/8`` (a quarter of the plan's batches sampled), ``cap 0.4`` (global allocation
 with ``max_layer_fraction``), ``channels only`` (no KV group removed), ``uniform`` (the same share from every
 layer), ``second draw`` (the default plan from calibration rows 32-63, the plan's own noise), ``both draws``
-(from rows 0-63 pooled). Scoring stays
+(from rows 0-63 pooled). Twelfth session: ``iterative 2`` (the trained default in two cuts of 10 %, the second
+planned on what the first left). Scoring stays
 the study's own ``choice_logprobs``, so that its rows compare with the eighth session's; the library's
 ``multiple_choice(..., reference=dense)`` now measures the same agreement for users.
 
@@ -81,6 +82,22 @@ def choice_logprobs(model, tokenizer, examples: list[dict]) -> list[torch.Tensor
     return out
 
 
+def iterative_prune(dense, ratio: float, cuts: int, plan_rows, refit_rows) -> tuple[torch.nn.Module, int]:
+    """The trained default reached in `cuts` equal steps, each planned on the model the last one left, its
+    layer-wise training aimed at that model (twelfth session). The seconds count the planning too."""
+    model = copy.deepcopy(dense)
+    started = time.perf_counter()
+    removed = 0.0  # share of the dense model's prunable parameters
+    for cut in range(1, cuts + 1):
+        target = ratio * cut / cuts
+        pruner = Pruner(model, ratio=(target - removed) / (1 - removed), progress=False,
+                        reconstruct={"epochs": 8, "lr": 1e-3})
+        plan = pruner.plan(plan_rows)
+        pruner.apply(plan, calibration=refit_rows)
+        removed += (1 - removed) * plan.params["prunable_fraction_removed"]
+    return model, round(time.perf_counter() - started)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ratio", type=float, default=0.2)
@@ -132,7 +149,7 @@ def main() -> int:
     pruned: dict[str, torch.nn.Module] = {}
     for label in args.configs.split(","):
         base, _, steps = label.partition(" + recovery ") if " + " in label else ("default", "", label.split()[-1])
-        if label in BASES or label.startswith(("cap ", "sampled plan ")):
+        if label in BASES or (label.startswith(("cap ", "sampled plan ", "iterative ")) and " + " not in label):
             base, steps = label, ""
         if base not in pruned:
             plan_from, refit_from = plan_rows, refit_rows
@@ -155,13 +172,16 @@ def main() -> int:
                 plans[base] = Pruner(dense, ratio=args.ratio, progress=False, allocation_options={
                     "max_layer_fraction": float(base.split()[-1])}).plan(plan_rows)
             reconstruct = False if base == "no reconstruction" else {"epochs": 8 if base == "trained" else 0, "lr": 1e-3}
-            if base not in plans and "wikipedia" not in plans:
-                plans["wikipedia"] = Pruner(dense, ratio=args.ratio, progress=False).plan(plan_rows)
-            model = copy.deepcopy(dense)
-            started = time.perf_counter()  # the apply and its refit, as before: planning is not counted
-            Pruner(model, ratio=args.ratio, progress=False, reconstruct=reconstruct).apply(
-                plans[base] if base in plans else plans["wikipedia"], calibration=refit_from)
-            seconds = round(time.perf_counter() - started)
+            if base.startswith("iterative "):  # "iterative 2": the trained default in that many equal cuts, re-planned
+                model, seconds = iterative_prune(dense, args.ratio, int(base.split()[-1]), plan_rows, refit_rows)
+            else:
+                if base not in plans and "wikipedia" not in plans:
+                    plans["wikipedia"] = Pruner(dense, ratio=args.ratio, progress=False).plan(plan_rows)
+                model = copy.deepcopy(dense)
+                started = time.perf_counter()  # the apply and its refit, as before: planning is not counted
+                Pruner(model, ratio=args.ratio, progress=False, reconstruct=reconstruct).apply(
+                    plans[base] if base in plans else plans["wikipedia"], calibration=refit_from)
+                seconds = round(time.perf_counter() - started)
             pruned[base] = model
             if base not in results[key]:  # a stored row is not measured again (re-measured rows reproduced)
                 save(base, {**measure(model), "prune_seconds": seconds})
