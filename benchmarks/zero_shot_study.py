@@ -171,10 +171,11 @@ def main() -> int:
             elif base.startswith("cap "):  # "cap 0.4": no layer loses more than that share of its prunable parameters
                 plans[base] = Pruner(dense, ratio=args.ratio, progress=False, allocation_options={
                     "max_layer_fraction": float(base.split()[-1])}).plan(plan_rows)
-            reconstruct = False if base == "no reconstruction" else {"epochs": 8 if base == "trained" else 0, "lr": 1e-3}
             if base.startswith("iterative "):  # "iterative 2": the trained default in that many equal cuts, re-planned
                 model, seconds = iterative_prune(dense, args.ratio, int(base.split()[-1]), plan_rows, refit_rows)
             else:
+                reconstruct = (False if base == "no reconstruction"
+                               else {"epochs": 8 if base == "trained" else 0, "lr": 1e-3})
                 if base not in plans and "wikipedia" not in plans:
                     plans["wikipedia"] = Pruner(dense, ratio=args.ratio, progress=False).plan(plan_rows)
                 model = copy.deepcopy(dense)
